@@ -1,0 +1,3 @@
+from .safe_checkpoint_hook import SafeCheckpointHook, add_safe_checkpoint_hook
+
+__all__ = ['SafeCheckpointHook', 'add_safe_checkpoint_hook']

@@ -1,0 +1,10 @@
+from .attention_stem import AttentionStem, SpatiallyAwareAttention2d
+from .local_attention import LocalSelfAttention2d, sinusoidal_position_encoding
+from .local_attention_ops import (local_attention, local_attention_reference,
+                                  neighbourhood_mask)
+
+__all__ = [
+    'LocalSelfAttention2d', 'SpatiallyAwareAttention2d', 'AttentionStem',
+    'local_attention', 'local_attention_reference', 'neighbourhood_mask',
+    'sinusoidal_position_encoding'
+]

@@ -1,0 +1,153 @@
+"""The paper's attention stem (section 3.2 of Ramachandran et al., 2019).
+
+Pixels carry little information (3 channels), so the stem's values are
+spatially aware: each pixel's value is a position-dependent convex mix of
+``m`` value matrices, ``v_ab = (sum_m p(a, b, m) W_V^m) x_ab`` with
+``p(a, b, m) = softmax_m((emb_row(a) + emb_col(b)) . nu_m)``, the row and
+column embeddings indexed by the pixel's position inside the max-pooling
+window that follows ("pooling-window aligned").
+"""
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import build_norm_layer
+from mmengine.registry import MODELS
+from torch import Tensor
+
+from .local_attention import LocalSelfAttention2d
+
+
+@MODELS.register_module()
+class SpatiallyAwareAttention2d(LocalSelfAttention2d):
+    """Local self-attention whose values mix ``num_value_mixtures`` matrices.
+
+    Same arguments as :class:`LocalSelfAttention2d`, plus:
+
+    Args:
+        num_value_mixtures (int): Value matrices m. Default: 4.
+        mixture_period (int): The mixing weights depend on the pixel's row
+            and column modulo this period (the stem's pooling window).
+            Default: 4.
+
+    Example:
+        >>> layer = SpatiallyAwareAttention2d(3, 16, 4, num_heads=4)
+        >>> layer(torch.rand(1, 3, 18, 21)).shape
+        torch.Size([1, 16, 18, 21])
+    """
+
+    def __init__(self, *args, num_value_mixtures: int = 4, mixture_period: int = 4,
+                 **kwargs) -> None:
+        for name, value in (('num_value_mixtures', num_value_mixtures),
+                            ('mixture_period', mixture_period)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f'{name} must be a positive int, got {value!r}')
+        self.num_value_mixtures = num_value_mixtures
+        self.mixture_period = mixture_period
+        super().__init__(*args, **kwargs)
+        if self.pointwise:
+            raise ValueError('SpatiallyAwareAttention2d needs kernel_size > 1, got '
+                             f'{self.kernel_size}')
+        dim = self.out_channels
+        self.mixture_row = nn.Parameter(torch.empty(mixture_period, dim))
+        self.mixture_col = nn.Parameter(torch.empty(mixture_period, dim))
+        self.mixture_query = nn.Parameter(torch.empty(num_value_mixtures, dim))
+        self.reset_parameters()
+
+    @property
+    def num_projections(self) -> int:
+        return 2 + self.num_value_mixtures
+
+    def reset_parameters(self) -> None:
+        # The base class initialises all m value matrices like its W_V.
+        super().reset_parameters()
+        if hasattr(self, 'mixture_query'):  # not yet built on the first call
+            nn.init.normal_(self.mixture_row)
+            nn.init.normal_(self.mixture_col)
+            nn.init.normal_(self.mixture_query, std=self.out_channels**-0.5)
+
+    def mixture_weights(self, height: int, width: int) -> Tensor:
+        """``p(a, b, m)`` for every pixel: ``(m, height, width)``, sums to 1 over m."""
+        period = self.mixture_period
+        rows = torch.arange(height, device=self.mixture_row.device) % period
+        cols = torch.arange(width, device=self.mixture_col.device) % period
+        emb = self.mixture_row[rows][:, None, :] + self.mixture_col[cols][None, :, :]
+        logits = torch.einsum('hwc,mc->mhw', emb, self.mixture_query)
+        return logits.softmax(dim=0)
+
+    def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        batch, _, height, width = x.shape
+        heads, dim = self.num_heads, self.head_channels
+        qkv = F.conv2d(x, self.qkv_weight[:, :, None, None])
+        query, key, values = qkv.split(
+            [self.out_channels, self.out_channels, self.num_value_mixtures * self.out_channels],
+            dim=1)
+        values = values.view(batch, self.num_value_mixtures, self.out_channels, height, width)
+        mix = self.mixture_weights(height, width).to(values.dtype)  # (m, H, W)
+        value = (values * mix[None, :, None]).sum(dim=1)  # (B, C, H, W)
+        return (query.reshape(batch, heads, dim, height, width),
+                key.reshape(batch, heads, dim, height, width),
+                value.view(batch, heads, dim, height, width))
+
+    def multiply_adds(self, input_shape) -> int:
+        batch, _, height, width = input_shape
+        mixing = batch * height * width * self.num_value_mixtures * self.out_channels
+        return super().multiply_adds(input_shape) + mixing
+
+
+@MODELS.register_module()
+class AttentionStem(nn.Module):
+    """The paper's full-attention stem: attention, norm, ReLU, max pool.
+
+    Spatially-aware local attention at full resolution over a
+    ``window_size`` window, then batch norm, ReLU and a
+    ``pool_size x pool_size`` max pool (ceil mode): output stride 4 and
+    output size ``ceil(H / 4)``, like ResNet's convolutional stem.
+
+    Args:
+        in_channels (int): Image channels. Default: 3.
+        out_channels (int): Stem channels. Default: 64.
+        window_size (int): Attention window (the paper's 4x4 extent).
+        num_heads (int): Default: 4.
+        num_value_mixtures (int): Value matrices m. Default: 4.
+        norm_cfg (dict): Norm layer config. Default: BN.
+        pool_size (int): Max-pool window and stride. Default: 4.
+        attention_cfg (dict, optional): Further
+            :class:`LocalSelfAttention2d` options (e.g. ``impl``).
+
+    Example:
+        >>> stem = AttentionStem(3, 16, num_heads=4)
+        >>> stem(torch.rand(2, 3, 65, 50)).shape
+        torch.Size([2, 16, 17, 13])
+    """
+
+    def __init__(self,
+                 in_channels: int = 3,
+                 out_channels: int = 64,
+                 *,
+                 window_size: int = 4,
+                 num_heads: int = 4,
+                 num_value_mixtures: int = 4,
+                 norm_cfg: dict = dict(type='BN', requires_grad=True),
+                 pool_size: int = 4,
+                 attention_cfg: dict = None) -> None:
+        super().__init__()
+        self.attention = SpatiallyAwareAttention2d(
+            in_channels, out_channels, window_size, num_heads=num_heads,
+            num_value_mixtures=num_value_mixtures, mixture_period=pool_size,
+            **(attention_cfg or {}))
+        self.norm_name, norm = build_norm_layer(norm_cfg, out_channels)
+        self.add_module(self.norm_name, norm)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(pool_size, pool_size, ceil_mode=True)
+
+    @property
+    def norm(self) -> nn.Module:
+        return getattr(self, self.norm_name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.relu(self.norm(self.attention(x))))
+
+    def multiply_adds(self, input_shape) -> int:
+        return self.attention.multiply_adds(input_shape)

@@ -1,0 +1,236 @@
+"""ResNet whose spatial convolutions are stand-alone local self-attention.
+
+Ramachandran, Parmar, Vaswani, Bello, Levskaya, Shlens, "Stand-Alone
+Self-Attention in Vision Models", NeurIPS 2019 (arXiv:1906.05909).
+
+Only what changes is replaced: the chosen stages get
+``conv_cfg=dict(type='LocalSelfAttention2d', ...)``. MMDetection's
+``Bottleneck`` (and ``BasicBlock``) build every convolution with
+``build_conv_layer(conv_cfg, ...)``, so the 3x3 ``conv2`` becomes local
+attention (followed by an average pool where it had a stride, which is where
+``style='pytorch'`` puts it) while the 1x1 convolutions become the layer's
+pointwise mode, a plain 1x1 convolution with ``nn.Conv2d``'s ``weight``.
+The optional attention stem replaces the 7x7 convolution and max pool.
+"""
+import copy
+import logging
+from typing import Sequence
+
+import torch.nn as nn
+from mmdet.models.backbones.resnet import Bottleneck, ResNet
+from mmdet.registry import MODELS
+from mmdet.utils import OptConfigType
+from mmengine.logging import print_log
+
+from sasa_mmdet.layers import AttentionStem
+
+STEM_TYPES = ('conv', 'attention')
+
+
+@MODELS.register_module()
+class SASAResNet(ResNet):
+    """ResNet with local self-attention in place of spatial convolutions.
+
+    Every argument of :class:`mmdet.models.backbones.ResNet` keeps its
+    meaning (``out_indices``, ``frozen_stages``, ``norm_eval``, ``norm_cfg``,
+    ``with_cp``, ``style``, ``plugins``, ``init_cfg``, ...); stages without
+    attention are ordinary ResNet stages.
+
+    How it plugs into ``ResNet``: ``ResNet.__init__`` calls
+    :meth:`make_res_layer` once per stage, in order, and appends the stage's
+    name to ``self.res_layers`` right after each call, so inside
+    :meth:`make_res_layer` ``len(self.res_layers)`` is the index of the stage
+    being built. The attention stem reuses ResNet's ``deep_stem`` path
+    (``self.stem``, run by ``ResNet.forward`` and frozen by
+    ``_freeze_stages``) with ``self.maxpool = nn.Identity()``, because
+    :class:`AttentionStem` ends with its own 4x4 max pool.
+
+    Loading an ordinary convolutional ResNet checkpoint
+    (``init_cfg=dict(type='Pretrained', checkpoint=...)``, e.g.
+    ``'torchvision://resnet50'``) goes through mmengine's non-strict
+    loading: every tensor whose name and shape match is loaded (mmdet's
+    ResNet already uses torchvision's names: ``conv1``, ``bn1``,
+    ``layer1.0.conv2``, ``downsample.0/1``; ``norm1`` etc. are properties
+    that point at ``bn1``), and this backbone logs, through the current
+    ``MMLogger``, which of its tensors start fresh (the attention layers and
+    stem) and which checkpoint tensors go unused (the replaced 3x3
+    convolutions, the classifier).
+
+    Args:
+        depth (int): 18, 26, 34, 38, 50, 101 or 152. 26 and 38 are the
+            paper's bottleneck ResNets with (1, 2, 4, 1) and (2, 3, 5, 2)
+            blocks per stage.
+        stem_type (str): 'conv' (ResNet's 7x7 convolution and max pool) or
+            'attention' (the paper's spatially-aware attention stem, output
+            stride 4 as well). Default: 'conv'.
+        stage_with_attention (Sequence[bool]): For each stage, whether its
+            spatial convolutions become local attention. Default: all four.
+        attention_cfg (dict, optional): Options of
+            :class:`~sasa_mmdet.layers.LocalSelfAttention2d` (``window_size``,
+            ``num_heads``, ``position_encoding``, ``logits``, ``impl``, ...)
+            for the attention stages; they update the defaults
+            ``dict(window_size=7, num_heads=8)``. A ``type`` key selects
+            another registered layer with the same signature.
+        stem_cfg (dict, optional): Options of
+            :class:`~sasa_mmdet.layers.AttentionStem` (``window_size``,
+            ``num_heads``, ``num_value_mixtures``, ``pool_size``, ...) when
+            ``stem_type='attention'``. ``norm_cfg`` defaults to the
+            backbone's.
+        **kwargs: :class:`mmdet.models.backbones.ResNet` arguments.
+            ``deep_stem=True`` only goes with ``stem_type='conv'``, ``dcn``
+            only in stages without attention.
+
+    Example:
+        >>> import torch
+        >>> self = SASAResNet(
+        ...     depth=26, base_channels=16, stem_type='attention',
+        ...     attention_cfg=dict(window_size=3, num_heads=2))
+        >>> outputs = self.forward(torch.rand(1, 3, 65, 50))
+        >>> for out in outputs:
+        ...     print(tuple(out.shape))
+        (1, 64, 17, 13)
+        (1, 128, 9, 7)
+        (1, 256, 5, 4)
+        (1, 512, 3, 2)
+    """
+
+    arch_settings = {
+        **ResNet.arch_settings,
+        26: (Bottleneck, (1, 2, 4, 1)),
+        38: (Bottleneck, (2, 3, 5, 2)),
+    }
+
+    def __init__(self,
+                 depth: int,
+                 stem_type: str = 'conv',
+                 stage_with_attention: Sequence[bool] = (True, True, True,
+                                                         True),
+                 attention_cfg: OptConfigType = None,
+                 stem_cfg: OptConfigType = None,
+                 **kwargs) -> None:
+        if depth not in self.arch_settings:
+            raise ValueError(f'depth must be one of '
+                             f'{tuple(sorted(self.arch_settings))}, got '
+                             f'{depth!r}')
+        if stem_type not in STEM_TYPES:
+            raise ValueError(
+                f'stem_type must be one of {STEM_TYPES}, got {stem_type!r}')
+        num_stages = kwargs.get('num_stages', 4)
+        if (not isinstance(stage_with_attention, (tuple, list))
+                or len(stage_with_attention) != num_stages
+                or not all(isinstance(flag, bool)
+                           for flag in stage_with_attention)):
+            raise ValueError(
+                f'stage_with_attention must be a tuple of num_stages='
+                f'{num_stages} bools, got {stage_with_attention!r}')
+        if attention_cfg is not None and not isinstance(attention_cfg, dict):
+            raise ValueError(f'attention_cfg must be a dict or None, got '
+                             f'{attention_cfg!r}')
+        if stem_cfg is not None:
+            if not isinstance(stem_cfg, dict):
+                raise ValueError(
+                    f'stem_cfg must be a dict or None, got {stem_cfg!r}')
+            if stem_type != 'attention':
+                raise ValueError(
+                    "stem_cfg configures the attention stem: it needs "
+                    f"stem_type='attention', got stem_type={stem_type!r}")
+        if stem_type == 'attention':
+            if kwargs.get('deep_stem', False):
+                raise ValueError(
+                    "deep_stem=True builds a convolutional stem: it cannot go "
+                    "with stem_type='attention'")
+            # ResNet's forward and _freeze_stages then use ``self.stem``.
+            kwargs['deep_stem'] = True
+        stage_with_dcn = kwargs.get('stage_with_dcn', (False, ) * num_stages)
+        if kwargs.get('dcn') is not None:
+            both = [
+                i for i, (dcn, attn) in enumerate(
+                    zip(stage_with_dcn, stage_with_attention)) if dcn and attn
+            ]
+            if both:
+                raise ValueError(
+                    f'dcn and attention cannot share a stage: stages {both} '
+                    f'have both stage_with_dcn={tuple(stage_with_dcn)} and '
+                    f'stage_with_attention={tuple(stage_with_attention)}')
+
+        # Read by the overrides below, which ResNet.__init__ calls.
+        self.stem_type = stem_type
+        self.stage_with_attention = tuple(stage_with_attention)
+        self.attention_cfg = dict(
+            type='LocalSelfAttention2d', window_size=7, num_heads=8)
+        self.attention_cfg.update(copy.deepcopy(attention_cfg or {}))
+        self.stem_cfg = copy.deepcopy(stem_cfg or {})
+        super().__init__(depth, **kwargs)
+        self.register_load_state_dict_pre_hook(_log_checkpoint_coverage)
+
+    def make_res_layer(self, **kwargs) -> nn.Module:
+        """Build a stage; attention stages get the attention ``conv_cfg``."""
+        # ResNet.__init__ appends each stage to self.res_layers after
+        # building it, so this is the index of the stage being built.
+        stage_idx = len(self.res_layers)
+        if self.stage_with_attention[stage_idx]:
+            kwargs['conv_cfg'] = copy.deepcopy(self.attention_cfg)
+        return super().make_res_layer(**kwargs)
+
+    def _make_stem_layer(self, in_channels: int, stem_channels: int) -> None:
+        if self.stem_type == 'conv':
+            super()._make_stem_layer(in_channels, stem_channels)
+            return
+        stem_cfg = dict(norm_cfg=self.norm_cfg)
+        stem_cfg.update(self.stem_cfg)
+        self.stem = AttentionStem(in_channels, stem_channels, **stem_cfg)
+        # AttentionStem ends with its own max pool (output stride 4).
+        self.maxpool = nn.Identity()
+
+
+def _log_checkpoint_coverage(module: nn.Module, state_dict: dict, prefix: str,
+                             *args) -> None:
+    """Log which tensors a state dict will not fill (load pre-hook).
+
+    Runs inside ``load_state_dict`` (torch's or mmengine's, whichever loads a
+    ``Pretrained`` ``init_cfg``, ``load_from`` or a resumed checkpoint),
+    before the tensors are copied, with the state dict under ``prefix``.
+    """
+    own = {
+        key: value
+        for key, value in module.state_dict().items()
+        if not key.endswith('num_batches_tracked')
+    }
+    given = {
+        key[len(prefix):]: value
+        for key, value in state_dict.items() if key.startswith(prefix)
+        and not key.endswith('num_batches_tracked')
+    }
+    missing = [key for key in own if key not in given]
+    mismatched = [
+        key for key in own if key in given
+        and tuple(given[key].shape) != tuple(own[key].shape)
+    ]
+    unused = [key for key in given if key not in own]
+    loaded = len(own) - len(missing) - len(mismatched)
+    name = type(module).__name__
+    if not (missing or mismatched or unused):
+        print_log(
+            f'{name}: all {len(own)} tensors loaded from the checkpoint',
+            logger='current')
+        return
+    lines = [
+        f'{name}: {loaded} of {len(own)} tensors loaded from the checkpoint; '
+        f'{len(missing) + len(mismatched)} start fresh '
+        f'(their own initialisation)'
+    ]
+    if missing:
+        lines.append(f'  start fresh, not in the checkpoint ({len(missing)}): '
+                     + ', '.join(missing))
+    if mismatched:
+        lines.append(f'  start fresh, shape differs ({len(mismatched)}): ' +
+                     ', '.join(f'{key} {tuple(given[key].shape)} -> '
+                               f'{tuple(own[key].shape)}'
+                               for key in mismatched))
+    if unused:
+        lines.append(f'  checkpoint tensors not used ({len(unused)}): ' +
+                     ', '.join(unused))
+    print_log('\n'.join(lines), logger='current', level=logging.WARNING)
+
+
+__all__ = ['SASAResNet']

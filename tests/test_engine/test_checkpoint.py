@@ -1,0 +1,132 @@
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.logging import HistoryBuffer
+from mmengine.runner import Runner, load_checkpoint
+from toy_runner import toy_runner_cfg
+
+from sasa_mmdet.engine import (UnsafeCheckpointError, add_safe_checkpoint_hook,
+                               decode_checkpoint, encode_checkpoint)
+
+
+class _RunsShellCommand:
+    """Unpickling this calls ``os.system`` (what a malicious file does)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}', )
+
+
+def _train(work_dir, max_epochs, resume=False, safe=True):
+    cfg = toy_runner_cfg(work_dir, max_epochs=max_epochs, resume=resume)
+    if safe:
+        add_safe_checkpoint_hook(cfg)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return runner
+
+
+def test_runner_checkpoint_is_weights_only_and_resumes(tmp_path):
+    work_dir = str(tmp_path)
+    first = _train(work_dir, max_epochs=1)
+    ckpt = osp.join(work_dir, 'epoch_1.pth')
+    # nothing beyond torch's weights-only defaults: no numpy, HistoryBuffer
+    # or getattr
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt) == []
+    iters_per_epoch = first.iter
+    weights = first.model.linear.weight.detach().clone()
+
+    resumed = Runner.from_cfg(
+        add_safe_checkpoint_hook(
+            toy_runner_cfg(work_dir, max_epochs=2, resume=True)))
+    resumed.load_or_resume()
+    assert resumed.epoch == 1 and resumed.iter == iters_per_epoch
+    assert torch.equal(resumed.model.linear.weight, weights)
+    # the logged history came back as HistoryBuffers
+    loss_history = resumed.message_hub.get_scalar('train/loss')
+    assert isinstance(loss_history, HistoryBuffer)
+    assert len(loss_history.data[0]) == iters_per_epoch
+
+    resumed.train()
+    assert resumed.epoch == 2 and resumed.iter == 2 * iters_per_epoch
+    assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
+
+
+def test_plain_mmengine_checkpoint_is_refused_by_name(tmp_path):
+    # without SafeCheckpointHook mmengine pickles HistoryBuffer objects and
+    # numpy values; loading must stay weights-only and say what it refused
+    _train(str(tmp_path), max_epochs=1, safe=False)
+    ckpt = osp.join(str(tmp_path), 'epoch_1.pth')
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_checkpoint(nn.Linear(2, 1), ckpt)
+    assert ckpt in str(info.value)
+    assert ('mmengine.logging.history_buffer.HistoryBuffer'
+            in info.value.unsafe_globals)
+
+
+@pytest.mark.parametrize('zipfile', [True, False])
+def test_checkpoint_with_code_is_refused(tmp_path, zipfile):
+    marker = tmp_path / 'code_ran'
+    ckpt = str(tmp_path / 'evil.pth')
+    torch.save(
+        dict(state_dict=dict(), payload=_RunsShellCommand(str(marker))),
+        ckpt,
+        _use_new_zipfile_serialization=zipfile)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_checkpoint(nn.Linear(2, 1), ckpt)
+    message = str(info.value)
+    assert ckpt in message
+    assert any(name.endswith('.system') for name in info.value.unsafe_globals)
+    assert 'system' in message
+    assert not marker.exists()
+
+
+def test_third_party_state_dict_loads(tmp_path):
+    source = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    nn.init.normal_(source[0].weight)
+    plain = str(tmp_path / 'plain.pth')
+    wrapped = str(tmp_path / 'wrapped.pth')
+    torch.save(source.state_dict(), plain)
+    torch.save(
+        dict(state_dict=source.state_dict(), meta=dict(epoch=3)), wrapped)
+    for path in (plain, wrapped):
+        target = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        load_checkpoint(target, path, strict=True)
+        for key, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_encode_decode_round_trip():
+    history = HistoryBuffer([0.5, 0.25], [1, 2], max_length=10)
+    checkpoint = dict(
+        meta=dict(seed=np.int64(7), palette=[(1, 2, 3)]),
+        message_hub=dict(
+            log_scalars=dict(loss=history),
+            runtime_info=dict(eta=np.float64(1.5), arr=np.arange(3))),
+        state_dict=dict(w=torch.ones(1)))
+    encode_checkpoint(checkpoint)
+    assert type(checkpoint['meta']['seed']) is int
+    assert type(checkpoint['message_hub']['runtime_info']['eta']) is float
+    assert isinstance(checkpoint['message_hub']['log_scalars']['loss'], dict)
+
+    decode_checkpoint(checkpoint)
+    restored = checkpoint['message_hub']['log_scalars']['loss']
+    assert isinstance(restored, HistoryBuffer)
+    assert restored.max_length == 10
+    np.testing.assert_array_equal(restored.data[0], [0.5, 0.25])
+    np.testing.assert_array_equal(restored.data[1], [1, 2])
+    np.testing.assert_array_equal(
+        checkpoint['message_hub']['runtime_info']['arr'], np.arange(3))
+    assert checkpoint['meta'] == dict(seed=7, palette=[(1, 2, 3)])
+
+
+def test_encode_refuses_object_arrays():
+    checkpoint = dict(meta=dict(bad=np.array([object()])))
+    with pytest.raises(TypeError, match='meta.bad'):
+        encode_checkpoint(checkpoint)

@@ -1,0 +1,121 @@
+"""The Table 2 RetinaNets, shrunk, in loss / predict / tensor modes."""
+import copy
+import os.path as osp
+
+import pytest
+import torch
+from mmdet.registry import MODELS
+from mmdet.structures import DetDataSample
+from mmdet.testing import demo_mm_inputs
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+from sasa_mmdet.layers import LocalSelfAttention2d
+
+CONFIG_DIR = osp.join(osp.dirname(__file__), '..', '..', 'configs')
+TABLE2 = [
+    'retinanet_r50_fpn_conv-baseline.py',
+    'retinanet_sasa_r50_fpn.py',
+    'retinanet_sasa-attnstem_r50_fpn.py',
+    'retinanet_sasa_r50_sasa-fpn_sasa-head.py',
+    'retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py',
+]
+ODD_SHAPES = [[3, 128, 128], [3, 125, 130]]
+
+
+def tiny_model_cfg(config):
+    """The config's model with 8 base channels, 2 heads, 3x3 windows."""
+    cfg = Config.fromfile(osp.join(CONFIG_DIR, config))
+    model = copy.deepcopy(cfg.model)
+    backbone, neck, head = model.backbone, model.neck, model.bbox_head
+    backbone.update(base_channels=8, init_cfg=None)
+    if backbone.type == 'SASAResNet':
+        backbone.attention_cfg = dict(window_size=3, num_heads=2)
+        if backbone.stem_type == 'attention':
+            backbone.stem_cfg = dict(num_heads=2)
+    neck.update(in_channels=[32, 64, 128, 256], out_channels=16)
+    if neck.type == 'SASAFPN':
+        neck.attention_cfg = dict(window_size=3, num_heads=2)
+    head.update(in_channels=16, feat_channels=16, stacked_convs=2)
+    if head.type == 'SASARetinaHead':
+        head.attention_cfg = dict(window_size=3, num_heads=2)
+    return model
+
+
+def build(config):
+    init_default_scope('mmdet')
+    model = MODELS.build(tiny_model_cfg(config))
+    model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize('config', TABLE2)
+def test_retinanet_variants_modes(config):
+    model = build(config)
+    num_attention = sum(
+        isinstance(m, LocalSelfAttention2d) and not m.pointwise
+        for m in model.modules())
+    assert (num_attention > 0) == ('sasa' in config)
+
+    packed = demo_mm_inputs(2, ODD_SHAPES, num_classes=80)
+    model.train()
+    data = model.data_preprocessor(packed, True)
+    losses = model.forward(**data, mode='loss')
+    loss_cls = sum(losses['loss_cls'])
+    loss_bbox = sum(losses['loss_bbox'])
+    assert loss_cls.item() > 0 and loss_bbox.item() > 0
+    (loss_cls + loss_bbox).backward()
+    missing = [
+        name for name, p in model.named_parameters()
+        if p.requires_grad and p.grad is None
+    ]
+    assert not missing
+
+    model.eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(packed, False)
+        results = model.forward(**data, mode='predict')
+        assert len(results) == 2
+        for result in results:
+            assert isinstance(result, DetDataSample)
+            assert result.pred_instances.bboxes.shape[1] == 4
+            assert len(result.pred_instances.scores) == \
+                len(result.pred_instances.labels)
+        cls_scores, bbox_preds = model.forward(**data, mode='tensor')
+    # Padded to 128 x 160 (pad_size_divisor 32): P3-P7 at strides 8-128.
+    sizes = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    assert [tuple(s.shape) for s in cls_scores] == \
+        [(2, 9 * 80, h, w) for h, w in sizes]
+    assert [tuple(b.shape) for b in bbox_preds] == \
+        [(2, 9 * 4, h, w) for h, w in sizes]
+
+
+@pytest.mark.parametrize('config', TABLE2)
+def test_retinanet_variants_empty_gt(config):
+    model = build(config)
+    model.train()
+    packed = demo_mm_inputs(2, ODD_SHAPES, num_items=[0, 0], num_classes=80)
+    data = model.data_preprocessor(packed, True)
+    losses = model.forward(**data, mode='loss')
+    assert sum(losses['loss_cls']).item() > 0
+    assert sum(losses['loss_bbox']).item() == 0
+
+
+def test_retinanet_attention_head_init_through_detector():
+    """model.init_weights() leaves the head's W_V ~ N(0, 0.01)."""
+    init_default_scope('mmdet')
+    cfg = tiny_model_cfg('retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py')
+    cfg.neck.out_channels = 64
+    cfg.bbox_head.update(in_channels=64, feat_channels=64)
+    model = MODELS.build(cfg)
+    model.init_weights()
+    head = model.bbox_head
+    for tower in (head.cls_convs, head.reg_convs):
+        for module in tower[:-1]:
+            layer = module.conv
+            w_v = layer.qkv_weight[2 * layer.out_channels:]
+            assert abs(w_v.std().item() - 0.01) < 0.001
+    # ... while the backbone's attention layers keep their default W_V.
+    layer = model.backbone.layer3[0].conv2
+    w_v = layer.qkv_weight[2 * layer.out_channels:]
+    assert w_v.std().item() > 0.1
