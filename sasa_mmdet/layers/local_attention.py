@@ -18,7 +18,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from .local_attention_ops import local_attention, local_attention_reference
+from .local_attention_ops import cpu_kernel, local_attention, local_attention_reference
 
 POSITION_ENCODINGS = ('relative', 'absolute', 'none')
 LOGITS = ('qk+qr', 'qr')
@@ -279,6 +279,10 @@ class LocalSelfAttention2d(nn.Module):
                              f'got {tuple(x.shape)}')
         if self.pointwise:
             return F.conv2d(x, self.weight, self.bias, self.stride)
+        if self.impl in ('auto', 'cpp') and x.device.type == 'cpu' and cpu_kernel():
+            # The kernel reads q, k, v channels-last: project in that layout
+            # once instead of transposing q, k and v.
+            x = x.contiguous(memory_format=torch.channels_last)
         query, key, value = self.project(x)
         out = self.attend(query, key, value)
         out = out.flatten(1, 2)  # (B, C_out, H, W)

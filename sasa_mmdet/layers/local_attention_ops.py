@@ -265,50 +265,60 @@ def cpu_kernel():
 class FusedLocalAttention(torch.autograd.Function):
     """The compiled kernel's forward and backward as one autograd function.
 
-    Channels last: q, k ``(B, H, W, N, D)``, v ``(B, H, W, N, Dv)``, bias (the
-    q.r logits) ``(B, H, W, N, T)``; returns ``(B, H, W, N, Dv)``.
+    Channels last: q, k ``(B, H, W, N, D)``, v ``(B, H, W, N, Dv)`` (heads
+    and channels dense, one stride between pixels: views into a channels-last
+    projection need no copy); row, col: the q.r logits' row and column parts
+    ``(B, H, W, N, kh)`` and ``(B, H, W, N, kw)``. Returns
+    ``(B, H, W, N, Dv)``.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, window, dilation):
-        kernel = cpu_kernel()
-        out, attn = kernel.forward(query, key, value, bias, *window, *dilation)
+    def forward(ctx, query, key, value, row, col, window, dilation):
+        out, attn = cpu_kernel().forward(query, key, value, row, col, *window, *dilation)
         ctx.save_for_backward(query, key, value, attn)
         ctx.geometry = (*window, *dilation)
-        ctx.has_key, ctx.has_bias = key is not None, bias is not None
+        ctx.has_key, ctx.has_rel = key is not None, row is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, attn = ctx.saved_tensors
-        grad_query, grad_key, grad_value, grad_logits = cpu_kernel().backward(
+        grad_query, grad_key, grad_value, grad_row, grad_col = cpu_kernel().backward(
             grad_out.contiguous(), query, key if ctx.has_key else None, value, attn,
-            *ctx.geometry)
+            ctx.has_rel, *ctx.geometry)
         if not ctx.has_key:
             grad_query = grad_key = None
-        if not ctx.has_bias:
-            grad_logits = None
-        return grad_query, grad_key, grad_value, grad_logits, None, None
+        if not ctx.has_rel:
+            grad_row = grad_col = None
+        return grad_query, grad_key, grad_value, grad_row, grad_col, None, None
+
+
+def _pixel_strided(t: Tensor, dtype) -> Tensor:
+    """``(B, N, D, H, W)`` -> a ``(B, H, W, N, D)`` view the kernel can read
+    (dense heads and channels, uniform pixel stride), copying only if needed."""
+    t = t.to(dtype).permute(0, 3, 4, 1, 2)
+    batch, height, width, heads, dim = t.shape
+    step = t.stride(2)
+    if not (t.stride(4) == 1 and t.stride(3) == dim and step >= heads * dim
+            and t.stride(1) == width * step and t.stride(0) == height * t.stride(1)):
+        # Not contiguous(): it may keep odd strides on size-1 dimensions.
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def _local_attention_cpp(query, key, value, window, dilation, rel_row, rel_col):
     if query.device.type != 'cpu' or cpu_kernel() is None:
         raise ValueError("impl='cpp' needs CPU tensors and the compiled kernel")
     dtype = torch.promote_types(value.dtype, torch.float32)  # softmax in >= float32
-
-    def channels_last(t):  # (B, N, D, H, W) -> (B, H, W, N, D)
-        return t.to(dtype).permute(0, 3, 4, 1, 2).contiguous()
-
-    q = channels_last(query)
-    bias = None
+    q = _pixel_strided(query, dtype)
+    row = col = None
     if rel_row is not None:
         dim_row = rel_row.shape[-1]
-        row = torch.einsum('bhwnd,knd->bhwnk', q[..., :dim_row], rel_row.to(dtype))
-        col = torch.einsum('bhwnd,knd->bhwnk', q[..., dim_row:], rel_col.to(dtype))
-        # (B, H, W, N, kh, 1) + (B, H, W, N, 1, kw) -> (B, H, W, N, kh * kw)
-        bias = (row.unsqueeze(-1) + col.unsqueeze(-2)).flatten(-2).contiguous()
-    k = channels_last(key) if key is not None else None
-    out = FusedLocalAttention.apply(q, k, channels_last(value), bias, window, dilation)
+        row = torch.einsum('bhwnd,knd->bhwnk', q[..., :dim_row], rel_row.to(dtype)).contiguous()
+        col = torch.einsum('bhwnd,knd->bhwnk', q[..., dim_row:], rel_col.to(dtype)).contiguous()
+    k = _pixel_strided(key, dtype) if key is not None else None
+    out = FusedLocalAttention.apply(q, k, _pixel_strided(value, dtype), row, col, window,
+                                    dilation)
     return out.permute(0, 3, 4, 1, 2).to(value.dtype)  # (B, N, Dv, H, W)
 
 

@@ -7,6 +7,7 @@ from mmcv.cnn import ConvModule, build_conv_layer
 
 from sasa_mmdet.layers import (LocalSelfAttention2d, local_attention,
                                local_attention_reference, neighbourhood_mask)
+from sasa_mmdet.layers.local_attention_ops import cpu_kernel
 
 
 def _rand(*shape, seed=0, dtype=torch.float64, grad=True):
@@ -47,9 +48,19 @@ CASES = [
 ]
 
 
+FAST_IMPLS = ['cpp', 'torch']
+
+
+def test_cpu_kernel_is_built_and_chosen_by_default():
+    assert cpu_kernel() is not None, 'setup.py should have compiled the CPU kernel'
+    layer = LocalSelfAttention2d(4, 4, 3, num_heads=2)
+    assert layer.impl == 'auto'
+
+
+@pytest.mark.parametrize('impl', FAST_IMPLS)
 @pytest.mark.parametrize('case', CASES)
 @pytest.mark.parametrize('content', [True, False])
-def test_fast_path_matches_reference(case, content):
+def test_fast_path_matches_reference(case, content, impl):
     batch, heads, dim, height, width, window, dilation = case
     q = _rand(batch, heads, dim, height, width, seed=1)
     k = _rand(batch, heads, dim, height, width, seed=2) if content else None
@@ -57,7 +68,7 @@ def test_fast_path_matches_reference(case, content):
     rel_row = _rand(window[0], heads, (dim + 1) // 2, seed=4)
     rel_col = _rand(window[1], heads, dim // 2, seed=5)
     inputs = [t for t in (q, k, v, rel_row, rel_col) if t is not None]
-    fast = local_attention(q, k, v, window, dilation, rel_row, rel_col)
+    fast = local_attention(q, k, v, window, dilation, rel_row, rel_col, impl=impl)
     ref = local_attention_reference(q, k, v, window, dilation, rel_row, rel_col)
     torch.testing.assert_close(fast, ref)
     grad_out = _rand(*fast.shape, seed=6, grad=False)
@@ -66,7 +77,8 @@ def test_fast_path_matches_reference(case, content):
         torch.testing.assert_close(g_fast, g_ref)
 
 
-def test_random_layers_fast_matches_reference():
+@pytest.mark.parametrize('impl', FAST_IMPLS)
+def test_random_layers_fast_matches_reference(impl):
     gen = torch.Generator().manual_seed(0)
     for trial in range(12):
         pick = lambda options: options[torch.randint(len(options), (1, ), generator=gen)]  # noqa
@@ -78,7 +90,7 @@ def test_random_layers_fast_matches_reference():
         kwargs = dict(kernel_size=kernel, stride=stride, dilation=dilation,
                       num_heads=heads, window_size=window,
                       position_encoding=pick(['relative', 'absolute', 'none']))
-        fast = LocalSelfAttention2d(3, out_channels, **kwargs).double()
+        fast = LocalSelfAttention2d(3, out_channels, impl=impl, **kwargs).double()
         ref = LocalSelfAttention2d(3, out_channels, impl='reference', **kwargs).double()
         ref.load_state_dict(fast.state_dict())
         x = _rand(2, 3, height, width, seed=trial)
@@ -94,6 +106,7 @@ def test_random_layers_fast_matches_reference():
             torch.testing.assert_close(p_fast.grad, p_ref.grad, msg=lambda m: f'{name}: {m}')
 
 
+@pytest.mark.parametrize('impl', FAST_IMPLS)
 @pytest.mark.parametrize('kwargs', [
     dict(kernel_size=3, stride=1),
     dict(kernel_size=3, stride=2, dilation=2),
@@ -101,8 +114,8 @@ def test_random_layers_fast_matches_reference():
     dict(kernel_size=3, position_encoding='absolute'),
     dict(kernel_size=3, logits='qr', bias=True),
 ])
-def test_gradcheck(kwargs):
-    layer = LocalSelfAttention2d(3, 4, num_heads=2, **kwargs).double()
+def test_gradcheck(kwargs, impl):
+    layer = LocalSelfAttention2d(3, 4, num_heads=2, impl=impl, **kwargs).double()
     x = _rand(1, 3, 5, 4)
     assert torch.autograd.gradcheck(layer, (x, ))
     params = [p for p in layer.parameters()]
@@ -273,3 +286,18 @@ def test_bad_input_names_the_expected_shape():
     layer = LocalSelfAttention2d(4, 8, 3, num_heads=2)
     with pytest.raises(ValueError, match=r'\(N, 4, H, W\)'):
         layer(torch.rand(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize('dim', [4, 8, 16, 32])
+def test_cpu_kernel_fixed_head_widths_match_reference(dim):
+    """The kernel has unrolled loops for these head widths."""
+    q, k, v = (_rand(2, 2, dim, 5, 6, seed=s) for s in (1, 2, 3))
+    rel_row, rel_col = _rand(3, 2, dim // 2, seed=4), _rand(5, 2, dim // 2, seed=5)
+    inputs = (q, k, v, rel_row, rel_col)
+    fast = local_attention(q, k, v, (3, 5), (1, 2), rel_row, rel_col, impl='cpp')
+    ref = local_attention_reference(q, k, v, (3, 5), (1, 2), rel_row, rel_col)
+    torch.testing.assert_close(fast, ref)
+    grad_out = _rand(*fast.shape, seed=6, grad=False)
+    for g_fast, g_ref in zip(torch.autograd.grad(fast, inputs, grad_out),
+                             torch.autograd.grad(ref, inputs, grad_out)):
+        torch.testing.assert_close(g_fast, g_ref)
