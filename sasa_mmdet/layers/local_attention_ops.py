@@ -314,8 +314,10 @@ def _local_attention_cpp(query, key, value, window, dilation, rel_row, rel_col):
     row = col = None
     if rel_row is not None:
         dim_row = rel_row.shape[-1]
-        row = torch.einsum('bhwnd,knd->bhwnk', q[..., :dim_row], rel_row.to(dtype)).contiguous()
-        col = torch.einsum('bhwnd,knd->bhwnk', q[..., dim_row:], rel_col.to(dtype)).contiguous()
+        with torch.autocast('cpu', enabled=False):  # keep the logits in `dtype`
+            row = torch.einsum('bhwnd,knd->bhwnk', q[..., :dim_row], rel_row.to(dtype))
+            col = torch.einsum('bhwnd,knd->bhwnk', q[..., dim_row:], rel_col.to(dtype))
+        row, col = row.contiguous(), col.contiguous()
     k = _pixel_strided(key, dtype) if key is not None else None
     out = FusedLocalAttention.apply(q, k, _pixel_strided(value, dtype), row, col, window,
                                     dilation)

@@ -301,3 +301,26 @@ def test_cpu_kernel_fixed_head_widths_match_reference(dim):
     for g_fast, g_ref in zip(torch.autograd.grad(fast, inputs, grad_out),
                              torch.autograd.grad(ref, inputs, grad_out)):
         torch.testing.assert_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize('impl', FAST_IMPLS + ['reference'])
+def test_bf16_autocast_is_finite_and_close_to_float32(impl):
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(8, 16, 3, stride=2, num_heads=2, window_size=5, impl=impl)
+    x = torch.randn(2, 8, 11, 9) * 10  # large logits: a bf16 softmax would saturate
+    expected = layer(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, atol=0.1 * expected.abs().max().item(),
+                               rtol=0.05)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_constant_image_gives_uniform_finite_output():
+    layer = LocalSelfAttention2d(3, 8, 3, num_heads=2, position_encoding='none').double()
+    out = layer(torch.full((1, 3, 6, 7), 0.5, dtype=torch.float64))
+    assert torch.isfinite(out).all()
+    # Every value is the same, so any convex combination of them is too.
+    torch.testing.assert_close(out, out[..., :1, :1].expand_as(out))
