@@ -17,7 +17,8 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 import sasa_mmdet  # noqa: F401  (registers modules, weights-only loading)
-from sasa_mmdet.engine import add_safe_checkpoint_hook, setup_cpu_distributed
+from sasa_mmdet.engine import (add_safe_checkpoint_hook, finish_cpu_distributed,
+                               setup_cpu_distributed)
 
 
 # TODO: support fuse_conv_bn and format_only
@@ -152,6 +153,7 @@ def main():
 
     # start testing
     runner.test()
+    finish_cpu_distributed()
 
 
 if __name__ == '__main__':

@@ -13,7 +13,7 @@ from mmengine.runner import Runner
 
 import sasa_mmdet  # noqa: F401  (registers modules, weights-only loading)
 from sasa_mmdet.engine import (add_safe_checkpoint_hook, enable_amp,
-                               setup_cpu_distributed)
+                               finish_cpu_distributed, setup_cpu_distributed)
 
 
 def parse_args():
@@ -125,6 +125,7 @@ def main():
 
     # start training
     runner.train()
+    finish_cpu_distributed()
 
 
 if __name__ == '__main__':

@@ -10,8 +10,10 @@ without device ids and replaces SyncBN by BN. On a GPU it does nothing.
 """
 import atexit
 import datetime
+import logging
 import os
 import subprocess
+import sys
 from typing import Optional, Tuple
 
 import torch.distributed as torch_dist
@@ -56,6 +58,9 @@ def _rank_and_world_size(launcher: str,
     return int(env['RANK']), int(env['WORLD_SIZE'])
 
 
+_STARTED_GROUP = False
+
+
 def init_cpu_dist(launcher: str,
                   backend: str = 'gloo',
                   timeout: Optional[float] = None,
@@ -97,11 +102,34 @@ def init_cpu_dist(launcher: str,
     # can abort the process ("terminate called without an active
     # exception"; see pytorch/pytorch#179291).
     atexit.register(_destroy_process_group)
+    global _STARTED_GROUP
+    _STARTED_GROUP = True
 
 
 def _destroy_process_group() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def finish_cpu_distributed() -> None:
+    """End a CPU process group started by :func:`init_cpu_dist` and exit.
+
+    Call it last in a tool's ``main``. Destroying the group at exit was not
+    enough: gloo threads still alive while the interpreter tears down
+    abort the process now and then ("terminate called without an active
+    exception", pytorch/pytorch#179291), failing a run that finished. So
+    every rank waits for the others, destroys the group, flushes its logs
+    and leaves with ``os._exit(0)``, skipping the teardown. A no-op where
+    this package did not start the group (GPU runs, single process).
+    """
+    if not (_STARTED_GROUP and torch_dist.is_initialized()):
+        return
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _replace_sync_bn(cfg) -> int:

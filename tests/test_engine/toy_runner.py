@@ -19,7 +19,8 @@ from mmengine.registry import DATASETS, MODELS
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
-from sasa_mmdet.engine import add_safe_checkpoint_hook, setup_cpu_distributed
+from sasa_mmdet.engine import (add_safe_checkpoint_hook, finish_cpu_distributed,
+                               setup_cpu_distributed)
 
 _RUN_IDS = itertools.count()
 
@@ -115,6 +116,7 @@ def _dist_worker(out_dir: str) -> None:
             seen_indices=model.seen_indices,
             weight=model.linear.weight.detach().clone()),
         osp.join(out_dir, f'rank{os.environ["RANK"]}.pt'))
+    finish_cpu_distributed()
 
 
 if __name__ == '__main__':
