@@ -73,7 +73,8 @@ def test_config_builds_and_trains_one_iteration(name):
     model.init_weights()
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     torch.manual_seed(0)
-    data = demo_mm_inputs(1, [[3, 64, 64]], num_items=[2], num_classes=80)
+    data = demo_mm_inputs(1, [[3, 64, 64]], num_items=[2],
+                          num_classes=cfg.model.bbox_head.num_classes)
     trainable = {
         name: p
         for name, p in model.named_parameters() if p.requires_grad
