@@ -85,6 +85,19 @@ def _shifted_views(padded: Tensor, height: int, width: int,
             yield padded[..., y:y + height, x:x + width]
 
 
+def _scatter_to_taps(weights: Tensor, source: Tensor, window, dilation) -> Tensor:
+    """Gradient of a map read at every tap: ``sum_t weights[:, :, t] * source``
+    added at each pixel's tap-t neighbour (the adjoint of the shifted views),
+    outside-the-map contributions dropped. ``source`` is ``(B, N, D, H, W)``."""
+    height, width = source.shape[-2:]
+    left, right, top, bottom = _pad_amounts(window, dilation)
+    grad_pad = source.new_zeros(source.shape[:-2] +
+                                (height + top + bottom, width + left + right))
+    for t, grad_t in enumerate(_shifted_views(grad_pad, height, width, window, dilation)):
+        grad_t.addcmul_(weights[:, :, t].unsqueeze(2), source)
+    return grad_pad[..., top:top + height, left:left + width]
+
+
 class LocalQK(torch.autograd.Function):
     """``logits[b, n, t, i, j] = sum_d q[b, n, d, i, j] * k[b, n, d, (i, j) + tap t]``.
 
@@ -108,22 +121,14 @@ class LocalQK(torch.autograd.Function):
         query, key = ctx.saved_tensors
         window, dilation = ctx.window, ctx.dilation
         height, width = query.shape[-2:]
-        pads = _pad_amounts(window, dilation)
-        key_pad = F.pad(key, pads)
-        grad_query = grad_key_pad = None
+        grad_query = grad_key = None
         if ctx.needs_input_grad[0]:
+            key_pad = F.pad(key, _pad_amounts(window, dilation))
             grad_query = torch.zeros_like(query)
             for t, key_t in enumerate(_shifted_views(key_pad, height, width, window, dilation)):
                 grad_query.addcmul_(grad_logits[:, :, t].unsqueeze(2), key_t)
         if ctx.needs_input_grad[1]:
-            grad_key_pad = torch.zeros_like(key_pad)
-            for t, grad_key_t in enumerate(
-                    _shifted_views(grad_key_pad, height, width, window, dilation)):
-                grad_key_t.addcmul_(grad_logits[:, :, t].unsqueeze(2), query)
-        grad_key = None
-        if grad_key_pad is not None:
-            left, right, top, bottom = pads
-            grad_key = grad_key_pad[..., top:top + height, left:left + width]
+            grad_key = _scatter_to_taps(grad_logits, query, window, dilation)
         return grad_query, grad_key, None, None
 
 
@@ -150,23 +155,15 @@ class LocalAV(torch.autograd.Function):
         attn, value = ctx.saved_tensors
         window, dilation = ctx.window, ctx.dilation
         height, width = value.shape[-2:]
-        pads = _pad_amounts(window, dilation)
-        value_pad = F.pad(value, pads)
-        grad_attn = grad_value_pad = None
+        grad_attn = grad_value = None
         if ctx.needs_input_grad[0]:
+            value_pad = F.pad(value, _pad_amounts(window, dilation))
             grad_attn = torch.empty_like(attn)
             for t, value_t in enumerate(
                     _shifted_views(value_pad, height, width, window, dilation)):
                 torch.sum(grad_out * value_t, dim=2, out=grad_attn[:, :, t])
         if ctx.needs_input_grad[1]:
-            grad_value_pad = torch.zeros_like(value_pad)
-            for t, grad_value_t in enumerate(
-                    _shifted_views(grad_value_pad, height, width, window, dilation)):
-                grad_value_t.addcmul_(attn[:, :, t].unsqueeze(2), grad_out)
-        grad_value = None
-        if grad_value_pad is not None:
-            left, right, top, bottom = pads
-            grad_value = grad_value_pad[..., top:top + height, left:left + width]
+            grad_value = _scatter_to_taps(attn, grad_out, window, dilation)
         return grad_attn, grad_value, None, None
 
 
