@@ -1,13 +1,20 @@
 """Time and memory of local attention beside the convolution it replaces.
 
-Every case runs in a fresh subprocess, so its peak resident memory is its
-own: "extra MB" is the peak RSS during the timed passes minus the RSS just
-before them (module and inputs built, torch imported). Time is the median
-of ``--repeats`` passes after one warm-up pass. Ratios compare cases
+Every case runs in fresh subprocesses. Time is the median of ``--repeats``
+passes after one warm-up pass. "Extra MB" is measured in a second
+subprocess: the peak resident memory during one pass minus the resident
+memory just before it (module and inputs built, one warm-up pass done),
+with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``)
+so that every freed tensor leaves the resident set: it then counts the
+memory the pass holds at its peak. (With glibc's default sliding
+threshold, freed blocks of up to 32 MiB stay resident in the heap, and how
+many happen to be reused depends on the order of allocations: that figure
+swung from 0 to 25 MB for the same convolution.) Ratios compare cases
 measured in the same invocation.
 
 Layer cases: forward + backward of one layer, batch 1, 3x3 convolution
-versus attention (window 7, 8 heads) with each implementation.
+versus attention (window 7, 8 heads) with each implementation ('cpp',
+'torch'; 'cpp-recompute': the kernel with ``recompute_attention=True``).
 Model cases (``--models``): one training step (loss, backward, SGD step) and
 one inference pass of each Table 2 config at ``--image-size``.
 
@@ -22,7 +29,7 @@ import argparse
 import json
 import os
 import os.path as osp
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -55,16 +62,25 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
 
 
-def _measure(step, repeats: int) -> dict:
-    step()  # warm-up (allocator, kernel selection); its peak counts too
-    base = _rss_mb()
+def _peak_rss_mb() -> float:
+    with open('/proc/self/status') as f:
+        return int(re.search(r'VmHWM:\s+(\d+)', f.read()).group(1)) / 1024
+
+
+def _measure(step, repeats: int, memory: bool) -> dict:
+    step()  # warm-up (allocator, kernel selection, thread pools)
+    if memory:
+        base = _rss_mb()
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # restart the peak (VmHWM) from the current RSS
+        step()
+        return dict(extra_mb=max(_peak_rss_mb() - base, 0.0))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(time_s=statistics.median(times), extra_mb=max(peak - base, 0.0))
+    return dict(time_s=statistics.median(times))
 
 
 def _run_layer_case(case: dict) -> dict:
@@ -75,8 +91,10 @@ def _run_layer_case(case: dict) -> dict:
     if case['op'] == 'conv3x3':
         layer = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     else:
+        impl, _, option = case['op'].split(':')[1].partition('-')
         layer = LocalSelfAttention2d(channels, channels, 3, padding=1, window_size=7,
-                                     num_heads=8, impl=case['op'].split(':')[1])
+                                     num_heads=8, impl=impl,
+                                     recompute_attention=option == 'recompute')
     x = torch.randn(1, channels, height, width, requires_grad=True)
 
     def step():
@@ -84,7 +102,7 @@ def _run_layer_case(case: dict) -> dict:
         x.grad = None
         layer(x).sum().backward()
 
-    return _measure(step, case['repeats'])
+    return _measure(step, case['repeats'], case['memory'])
 
 
 def _run_model_case(case: dict) -> dict:
@@ -120,16 +138,23 @@ def _run_model_case(case: dict) -> dict:
             with torch.no_grad():
                 model(data['inputs'], mode='tensor')
 
-    return _measure(step, case['repeats'])
+    return _measure(step, case['repeats'], case['memory'])
 
 
 def _run_child(case: dict) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
-    proc = subprocess.run([sys.executable, __file__, '--case', json.dumps(case)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f'benchmark case {case} failed:\n{proc.stderr[-3000:]}')
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Time in one subprocess, memory in another (see the module docstring)."""
+    result = {}
+    for memory in (False, True):
+        env = dict(os.environ, PYTHONWARNINGS='ignore')
+        if memory:
+            env['MALLOC_MMAP_THRESHOLD_'] = str(64 * 1024)
+        proc = subprocess.run(
+            [sys.executable, __file__, '--case', json.dumps(dict(case, memory=memory))],
+            capture_output=True, text=True, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f'benchmark case {case} failed:\n{proc.stderr[-3000:]}')
+        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def _plot(rows, path):
@@ -156,8 +181,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--preset', action='append', choices=sorted(PRESETS),
                         help='layer shape presets (default: issue)')
-    parser.add_argument('--impls', nargs='+', default=['cpp', 'torch'],
-                        help='attention implementations to time')
+    parser.add_argument('--impls', nargs='+', default=['cpp', 'cpp-recompute', 'torch'],
+                        help="attention implementations to time; '-recompute' appended "
+                        'means recompute_attention=True')
     parser.add_argument('--models', action='store_true', help='also time the Table 2 models')
     parser.add_argument('--no-layers', action='store_true', help='skip the layer cases')
     parser.add_argument('--image-size', type=int, default=640)

@@ -68,13 +68,20 @@ class SpatiallyAwareAttention2d(LocalSelfAttention2d):
             nn.init.normal_(self.mixture_query, std=self.out_channels**-0.5)
 
     def mixture_weights(self, height: int, width: int) -> Tensor:
-        """``p(a, b, m)`` for every pixel: ``(m, height, width)``, sums to 1 over m."""
+        """``p(a, b, m)`` for every pixel: ``(m, height, width)``, sums to 1 over m.
+
+        Computed for one ``period x period`` tile, then repeated. Logits and
+        softmax stay in (at least) float32 under autocast too: elementwise
+        products and sums, which autocast leaves alone (an einsum would run
+        in bfloat16 on CPU).
+        """
         period = self.mixture_period
-        rows = torch.arange(height, device=self.mixture_row.device) % period
-        cols = torch.arange(width, device=self.mixture_col.device) % period
-        emb = self.mixture_row[rows][:, None, :] + self.mixture_col[cols][None, :, :]
-        logits = torch.einsum('hwc,mc->mhw', emb, self.mixture_query)
-        return logits.softmax(dim=0)
+        emb = self.mixture_row[:, None, :] + self.mixture_col[None, :, :]  # (P, P, C)
+        logits = (emb[None] * self.mixture_query[:, None, None, :]).sum(-1)  # (m, P, P)
+        mix = logits.softmax(dim=0, dtype=torch.promote_types(logits.dtype, torch.float32))
+        rows = torch.arange(height, device=mix.device) % period
+        cols = torch.arange(width, device=mix.device) % period
+        return mix[:, rows][:, :, cols]  # (m, H, W)
 
     def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         batch, _, height, width = x.shape

@@ -18,7 +18,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from .local_attention_ops import cpu_kernel, local_attention, local_attention_reference
+from .local_attention_ops import local_attention, local_attention_reference, split_projections
 
 POSITION_ENCODINGS = ('relative', 'absolute', 'none')
 LOGITS = ('qk+qr', 'qr')
@@ -109,6 +109,17 @@ class LocalSelfAttention2d(nn.Module):
             built, else 'torch'), 'cpp', 'torch' (offset by offset, any
             device) or 'reference' (unfold; slow, for tests). None of the
             first three copies K and V per window tap. Default: 'auto'.
+        recompute_attention (bool): Keep no attention map for the backward
+            pass and recompute it there: a memory lever for training. The
+            map holds ``num_heads * k*k`` float32 numbers per pixel (392 at
+            8 heads and k = 7: about 6x a 64-channel input, the largest
+            tensor the layer keeps). The compiled kernel then computes the
+            logits and softmax twice, which on CPU costs about what writing
+            and reading the map does (``tools/benchmark.py``, k = 7, 8
+            heads: the same time at 256 channels, less at 64; peak memory
+            of forward + backward -20% at 256 channels, -55% at 64). The
+            'torch' path recomputes its whole forward (activation
+            checkpointing); 'reference' ignores the option. Default: False.
 
     Example:
         >>> layer = LocalSelfAttention2d(16, 32, 3, stride=2, padding=1,
@@ -135,7 +146,8 @@ class LocalSelfAttention2d(nn.Module):
                  position_encoding: str = 'relative',
                  logits: str = 'qk+qr',
                  value_init_std: Optional[float] = None,
-                 impl: str = 'auto') -> None:
+                 impl: str = 'auto',
+                 recompute_attention: bool = False) -> None:
         super().__init__()
         for name, value in (('in_channels', in_channels), ('out_channels', out_channels)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -154,6 +166,9 @@ class LocalSelfAttention2d(nn.Module):
         self.impl = impl
         if impl not in IMPLS:
             raise ValueError(f'impl must be one of {tuple(IMPLS)}, got {impl!r}')
+        if not isinstance(recompute_attention, bool):
+            raise ValueError(f'recompute_attention must be a bool, got {recompute_attention!r}')
+        self.recompute_attention = recompute_attention
 
         if self.pointwise:
             # The paper keeps 1x1 convolutions: hold Conv2d's parameters.
@@ -269,9 +284,12 @@ class LocalSelfAttention2d(nn.Module):
             tuple[Tensor]: q, k, v, each ``(B, num_heads, head_channels, H, W)``.
         """
         batch, _, height, width = x.shape
-        qkv = F.conv2d(x, self.qkv_weight[:, :, None, None])
+        # A batched matrix product rather than a 1x1 conv2d: neither pass
+        # makes reordered copies of x or of the projection's gradient.
+        weight = self.qkv_weight.expand(batch, -1, -1)
+        qkv = torch.bmm(weight, x.flatten(2))  # (B, 3C, H * W)
         qkv = qkv.view(batch, 3, self.num_heads, self.head_channels, height, width)
-        return qkv.unbind(dim=1)
+        return split_projections(qkv)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -279,10 +297,6 @@ class LocalSelfAttention2d(nn.Module):
                              f'got {tuple(x.shape)}')
         if self.pointwise:
             return F.conv2d(x, self.weight, self.bias, self.stride)
-        if self.impl in ('auto', 'cpp') and x.device.type == 'cpu' and cpu_kernel():
-            # The kernel reads q, k, v channels-last: project in that layout
-            # once instead of transposing q, k and v.
-            x = x.contiguous(memory_format=torch.channels_last)
         query, key, value = self.project(x)
         out = self.attend(query, key, value)
         out = out.flatten(1, 2)  # (B, C_out, H, W)
@@ -310,7 +324,8 @@ class LocalSelfAttention2d(nn.Module):
             return local_attention_reference(query, key, value, self.window_size,
                                              self.dilation, rel_row, rel_col)
         return local_attention(query, key, value, self.window_size, self.dilation,
-                               rel_row, rel_col, impl=self.impl)
+                               rel_row, rel_col, impl=self.impl,
+                               recompute_attention=self.recompute_attention)
 
     def multiply_adds(self, input_shape) -> int:
         """Multiply-adds of one forward pass for an input ``(N, C, H, W)``.
@@ -341,4 +356,6 @@ class LocalSelfAttention2d(nn.Module):
             s += (f', window_size={self.window_size}, dilation={self.dilation}, '
                   f'num_heads={self.num_heads}, position_encoding={self.position_encoding!r}, '
                   f'logits={self.logits!r}')
+            if self.recompute_attention:
+                s += ', recompute_attention=True'
         return s + f', bias={self.bias is not None}'

@@ -7,11 +7,14 @@ Two implementations of the same function, tested against each other:
   obviously correct, and costs ``k*k`` copies of K and V.
 - :func:`local_attention` dispatches to one of two fast paths, neither of
   which copies K and V ``k*k`` times (the largest tensor kept for backward
-  is the attention map ``(B, heads, k*k, H, W)``):
+  is the attention map, ``heads * k*k`` numbers per pixel, unless
+  ``recompute_attention``):
 
   * ``'cpp'``: the compiled CPU kernel (``csrc/local_attention_cpu.cpp``,
-    built by setup.py): fused logits, masked softmax and weighted sum per
-    pixel, channels-last, OpenMP-parallel, gather-style backward.
+    built by setup.py): logits (q.k and q.r), masked softmax and weighted
+    sum fused, vectorised across the pixels of a row (any head width), in
+    the projection's own planar layout, OpenMP-parallel over bands of rows;
+    its backward keeps no gradient of the logits beyond one row.
   * ``'torch'``: pure PyTorch, any device. It walks the ``k*k`` window
     offsets; its two primitives, :class:`LocalQK` (query . key for every
     offset) and :class:`LocalAV` (attention-weighted sum of values), read
@@ -39,6 +42,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 def window_offsets(window: int, dilation: int) -> list:
@@ -203,7 +207,8 @@ def local_attention(query: Tensor,
                     dilation: Sequence[int] = (1, 1),
                     rel_row: Optional[Tensor] = None,
                     rel_col: Optional[Tensor] = None,
-                    impl: str = 'auto') -> Tensor:
+                    impl: str = 'auto',
+                    recompute_attention: bool = False) -> Tensor:
     """Local multi-head self-attention (the default, fast paths).
 
     Args:
@@ -216,6 +221,13 @@ def local_attention(query: Tensor,
         rel_row, rel_col (Tensor, optional): relative embedding tables (see
             :func:`relative_logits`); None drops the q.r term.
         impl (str): 'auto', 'cpp' or 'torch' (see the module docstring).
+        recompute_attention (bool): keep no attention map for the backward
+            pass and recompute it there. Saves the map (``heads * k*k``
+            float32 numbers per pixel: about 6x a 64-channel input at k = 7
+            and 8 heads). The 'cpp' kernel recomputes the logits and softmax
+            (on CPU about the cost of writing and reading the map); the
+            'torch' path recomputes its whole forward (activation
+            checkpointing). Default: False.
 
     Returns:
         Tensor: ``(B, N, Dv, H, W)``, in the dtype of ``value``.
@@ -226,9 +238,17 @@ def local_attention(query: Tensor,
     if impl == 'auto':
         impl = 'cpp' if query.device.type == 'cpu' and cpu_kernel() is not None else 'torch'
     if impl == 'cpp':
-        return _local_attention_cpp(query, key, value, window, dilation, rel_row, rel_col)
+        return _local_attention_cpp(query, key, value, window, dilation, rel_row, rel_col,
+                                    recompute_attention)
     if impl != 'torch':
         raise ValueError(f"impl must be 'auto', 'cpp' or 'torch', got {impl!r}")
+    if recompute_attention and torch.is_grad_enabled():
+        return checkpoint(_local_attention_torch, query, key, value, window, dilation,
+                          rel_row, rel_col, use_reentrant=False)
+    return _local_attention_torch(query, key, value, window, dilation, rel_row, rel_col)
+
+
+def _local_attention_torch(query, key, value, window, dilation, rel_row, rel_col):
     height, width = query.shape[-2:]
     logits = None
     if key is not None:
@@ -262,63 +282,119 @@ def cpu_kernel():
 class FusedLocalAttention(torch.autograd.Function):
     """The compiled kernel's forward and backward as one autograd function.
 
-    Channels last: q, k ``(B, H, W, N, D)``, v ``(B, H, W, N, Dv)`` (heads
-    and channels dense, one stride between pixels: views into a channels-last
-    projection need no copy); row, col: the q.r logits' row and column parts
-    ``(B, H, W, N, kh)`` and ``(B, H, W, N, kw)``. Returns
-    ``(B, H, W, N, Dv)``.
+    Planar layout, the projection's own: q, k ``(B, N, D, H, W)``, v
+    ``(B, N, Dv, H, W)``, each channel an ``H x W`` plane with unit column
+    stride (views into one ``(B, 3C, H, W)`` projection need no copy);
+    rel_row ``(kh, N, Dr)`` and rel_col ``(kw, N, Dc)`` (the kernel adds the
+    q.r logits itself). Returns ``(B, N, Dv, H, W)``.
+
+    ``store_attention``: keep the attention map for the backward; without
+    it the backward recomputes the map (see :func:`local_attention`).
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, row, col, window, dilation):
-        out, attn = cpu_kernel().forward(query, key, value, row, col, *window, *dilation)
-        ctx.save_for_backward(query, key, value, attn)
+    def forward(ctx, query, key, value, rel_row, rel_col, window, dilation,
+                store_attention):
+        out, attn = cpu_kernel().forward(query, key, value, rel_row, rel_col, *window,
+                                         *dilation, store_attention)
+        ctx.save_for_backward(query, key, value, rel_row, rel_col, attn)
         ctx.geometry = (*window, *dilation)
-        ctx.has_key, ctx.has_rel = key is not None, row is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, attn = ctx.saved_tensors
-        grad_query, grad_key, grad_value, grad_row, grad_col = cpu_kernel().backward(
-            grad_out.contiguous(), query, key if ctx.has_key else None, value, attn,
-            ctx.has_rel, *ctx.geometry)
-        if not ctx.has_key:
-            grad_query = grad_key = None
-        if not ctx.has_rel:
-            grad_row = grad_col = None
-        return grad_query, grad_key, grad_value, grad_row, grad_col, None, None
+        query, key, value, rel_row, rel_col, attn = ctx.saved_tensors
+        grad_query, grad_key, grad_value = _gradient_buffers(query, key, value)
+        grad_rel_row, grad_rel_col = cpu_kernel().backward(
+            grad_out, query, key, value, rel_row, rel_col, attn, grad_query, grad_key,
+            grad_value, *ctx.geometry)
+        return (grad_query, grad_key, grad_value, grad_rel_row, grad_rel_col, None, None,
+                None)
 
 
-def _pixel_strided(t: Tensor, dtype) -> Tensor:
-    """``(B, N, D, H, W)`` -> a ``(B, H, W, N, D)`` view the kernel can read
-    (dense heads and channels, uniform pixel stride), copying only if needed."""
-    t = t.to(dtype).permute(0, 3, 4, 1, 2)
-    batch, height, width, heads, dim = t.shape
-    step = t.stride(2)
-    if not (t.stride(4) == 1 and t.stride(3) == dim and step >= heads * dim
-            and t.stride(1) == width * step and t.stride(0) == height * t.stride(1)):
-        # Not contiguous(): it may keep odd strides on size-1 dimensions.
-        t = t.clone(memory_format=torch.contiguous_format)
-    return t
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
-def _local_attention_cpp(query, key, value, window, dilation, rel_row, rel_col):
+def _packed(parts) -> Optional[Tensor]:
+    """The contiguous ``(B, len(parts), ...)`` tensor whose slices along dim
+    1 are ``parts``, as a view of their memory; None if they do not lie so."""
+    first = parts[0]
+    if any(p is None or p.shape != first.shape or p.dtype != first.dtype
+           or p.device != first.device for p in parts):
+        return None
+    shape = (first.shape[0], len(parts), *first.shape[1:])
+    stride = _contiguous_strides(shape)
+    part_stride = (stride[0], *stride[2:])
+    for i, p in enumerate(parts):
+        if (p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or p.storage_offset() != first.storage_offset() + i * stride[1]
+                or any(s != want for s, want, size in zip(p.stride(), part_stride, p.shape)
+                       if size > 1)):
+            return None
+    return first.as_strided(shape, stride)
+
+
+def _gradient_buffers(query, key, value) -> tuple:
+    """Empty gradients of q, k, v for the kernel to fill. When q, k, v are the
+    slices of one projection, so are their gradients (see
+    :func:`split_projections`)."""
+    if _packed((query, key, value)) is not None:
+        return torch.empty((query.shape[0], 3, *query.shape[1:]), dtype=query.dtype).unbind(1)
+    return tuple(None if t is None else t.new_empty(t.shape) for t in (query, key, value))
+
+
+class _SplitProjections(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, stacked):
+        part = stacked[:, 0]
+        ctx.part = dict(size=part.shape, dtype=part.dtype, device=part.device)
+        return stacked.unbind(1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        packed = _packed(grads)
+        if packed is not None:
+            return packed
+        return torch.stack([torch.zeros(**ctx.part) if g is None else g for g in grads], dim=1)
+
+
+def split_projections(stacked: Tensor) -> Tuple[Tensor, ...]:
+    """``stacked.unbind(1)``, e.g. q, k, v out of one ``(B, 3, ...)``
+    projection, whose backward takes gradients that already lie in one
+    buffer of ``stacked``'s layout (as the CPU kernel writes them) as they
+    are, instead of stacking them into a copy: one projection-sized
+    allocation and copy less per backward pass."""
+    return _SplitProjections.apply(stacked)
+
+
+def _planar(t: Tensor, dtype) -> Tensor:
+    """``t`` in ``dtype`` with unit column stride (what the kernel reads),
+    copying only if needed."""
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _local_attention_cpp(query, key, value, window, dilation, rel_row, rel_col,
+                         recompute_attention):
     if query.device.type != 'cpu' or cpu_kernel() is None:
         raise ValueError("impl='cpp' needs CPU tensors and the compiled kernel")
     dtype = torch.promote_types(value.dtype, torch.float32)  # softmax in >= float32
-    q = _pixel_strided(query, dtype)
-    row = col = None
     if rel_row is not None:
-        dim_row = rel_row.shape[-1]
-        with torch.autocast('cpu', enabled=False):  # keep the logits in `dtype`
-            row = torch.einsum('bhwnd,knd->bhwnk', q[..., :dim_row], rel_row.to(dtype))
-            col = torch.einsum('bhwnd,knd->bhwnk', q[..., dim_row:], rel_col.to(dtype))
-        row, col = row.contiguous(), col.contiguous()
-    k = _pixel_strided(key, dtype) if key is not None else None
-    out = FusedLocalAttention.apply(q, k, _pixel_strided(value, dtype), row, col, window,
-                                    dilation)
-    return out.permute(0, 3, 4, 1, 2).to(value.dtype)  # (B, N, Dv, H, W)
+        rel_row, rel_col = rel_row.to(dtype).contiguous(), rel_col.to(dtype).contiguous()
+    inputs = (query, key, value, rel_row, rel_col)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in inputs)
+    out = FusedLocalAttention.apply(
+        _planar(query, dtype), None if key is None else _planar(key, dtype),
+        _planar(value, dtype), rel_row, rel_col, window, dilation,
+        needs_grad and not recompute_attention)
+    return out.to(value.dtype)
 
 
 def _unfold_window(x: Tensor, window, dilation) -> Tensor:

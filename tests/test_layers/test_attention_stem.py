@@ -69,3 +69,18 @@ def test_bad_arguments():
         SpatiallyAwareAttention2d(3, 8, 1, num_heads=4)
     with pytest.raises(ValueError, match='num_heads'):
         AttentionStem(3, 6, num_heads=4)
+
+
+def test_bf16_autocast_softmaxes_in_float32(softmax_dtypes):
+    stem = AttentionStem(3, 8, num_heads=2)
+    x = torch.rand(2, 3, 13, 10) * 10
+    expected = stem(x)
+    softmax_dtypes.clear()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = stem(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # the mixture weights' softmax and the attention's
+    assert len(softmax_dtypes) == 2
+    assert all(dtype == torch.float32 for _, dtype in softmax_dtypes)
+    torch.testing.assert_close(out.float(), expected, atol=0.1 * expected.abs().max().item(),
+                               rtol=0.05)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 from mmcv.cnn import ConvModule, build_conv_layer
+from mmdet.models.data_preprocessors import DetDataPreprocessor
 
 from sasa_mmdet.layers import (LocalSelfAttention2d, local_attention,
                                local_attention_reference, neighbourhood_mask)
@@ -290,7 +291,8 @@ def test_bad_input_names_the_expected_shape():
 
 @pytest.mark.parametrize('dim', [4, 8, 16, 32])
 def test_cpu_kernel_fixed_head_widths_match_reference(dim):
-    """The kernel has unrolled loops for these head widths."""
+    """Head widths that fill whole chunks of the kernel's channel loops
+    (other widths: test_local_attention_kernel.py)."""
     q, k, v = (_rand(2, 2, dim, 5, 6, seed=s) for s in (1, 2, 3))
     rel_row, rel_col = _rand(3, 2, dim // 2, seed=4), _rand(5, 2, dim // 2, seed=5)
     inputs = (q, k, v, rel_row, rel_col)
@@ -304,14 +306,17 @@ def test_cpu_kernel_fixed_head_widths_match_reference(dim):
 
 
 @pytest.mark.parametrize('impl', FAST_IMPLS + ['reference'])
-def test_bf16_autocast_is_finite_and_close_to_float32(impl):
+def test_bf16_autocast_is_finite_and_close_to_float32(impl, softmax_dtypes):
     torch.manual_seed(0)
     layer = LocalSelfAttention2d(8, 16, 3, stride=2, num_heads=2, window_size=5, impl=impl)
     x = torch.randn(2, 8, 11, 9) * 10  # large logits: a bf16 softmax would saturate
     expected = layer(x)
+    softmax_dtypes.clear()
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = layer(x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # the softmax itself ran in float32, on the path asked for
+    assert softmax_dtypes == [('kernel' if impl == 'cpp' else 'torch', torch.float32)]
     torch.testing.assert_close(out.float(), expected, atol=0.1 * expected.abs().max().item(),
                                rtol=0.05)
     out.float().sum().backward()
@@ -324,3 +329,55 @@ def test_constant_image_gives_uniform_finite_output():
     assert torch.isfinite(out).all()
     # Every value is the same, so any convex combination of them is too.
     torch.testing.assert_close(out, out[..., :1, :1].expand_as(out))
+
+
+def _pad_batch(small, large):
+    """mmdet's DetDataPreprocessor on a batch of two sizes: normalises, then
+    pads the smaller image with zeros at its bottom and right."""
+    preprocessor = DetDataPreprocessor(mean=[100.0] * 3, std=[50.0] * 3, pad_size_divisor=8)
+    batch = preprocessor(dict(inputs=[small, large]), training=False)['inputs']
+    return batch[:1]  # the smaller image, padded
+
+
+def test_padding_of_mixed_size_batches_is_not_masked():
+    """Pins the README's account of padding: the attention does not see
+    mmdet's padding mask. Padded pixels are zeros after normalisation; the
+    attention drops out-of-image neighbours from its softmax but attends to
+    padded ones, so the outputs of real pixels within half a window of the
+    padded border change, and only theirs. A zero-padded convolution's own
+    padding is zeros too: its first layer does not change, a second one
+    does, near the border."""
+    torch.manual_seed(0)
+    height, width, reach = 9, 11, 2  # reach: half the 5x5 window
+    small = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+    large = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    padded = _pad_batch(small, large)
+    assert padded.shape == (1, 3, 16, 16)
+    assert (padded[..., height:, :] == 0).all() and (padded[..., width:] == 0).all()
+    alone = padded[..., :height, :width]  # the image normalised, unpadded
+    torch.testing.assert_close(alone[0], (small.float() - 100) / 50)
+
+    def near_padding(band):
+        """Real pixels at most ``band`` pixels from the padded ones."""
+        mask = torch.zeros(height, width, dtype=torch.bool)
+        mask[height - band:, :] = True
+        mask[:, width - band:] = True
+        return mask
+
+    def changed(layer):
+        """Real pixels whose output changes when the image is padded."""
+        with torch.no_grad():
+            out_alone = layer(alone)[0]
+            out_padded = layer(padded)[0, :, :height, :width]
+        # beyond float rounding (the padded input has other strides)
+        return (out_alone - out_padded).abs().amax(0) > 1e-5 * out_alone.abs().max()
+
+    for impl in FAST_IMPLS + ['reference']:
+        attention = LocalSelfAttention2d(3, 8, 5, num_heads=2, impl=impl)
+        assert torch.equal(changed(attention), near_padding(reach)), impl
+    conv = nn.Conv2d(3, 8, 5, padding=2)
+    assert not changed(conv).any()
+    # padded pixels leave the first layer non-zero (bias, ReLU): the second
+    # layer's 3x3 window brings them in
+    two_convs = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    assert torch.equal(changed(two_convs), near_padding(1))

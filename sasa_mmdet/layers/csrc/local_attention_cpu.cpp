@@ -1,320 +1,862 @@
 // Fused local multi-head self-attention for CPU (forward and backward).
 //
-// Layout: channels last, per head. q, k: (B, H, W, N, D); v: (B, H, W, N, Dv),
-// each with its heads and channels dense and one stride between pixels (so
-// q, k and v may be views into one (B, H, W, 3C) projection). The relative
-// logits come as their row and column parts, (B, H, W, N, kh) and
-// (B, H, W, N, kw): the logit of tap (ty, tx) adds row[ty] + col[tx]. The
-// attention map is (B, H, W, N, T) with T = kh * kw. Every pixel reads its
-// neighbours in place: nothing is unfolded, so K and V are never copied T times.
+// Layout: planar, the layout of the 1x1 projection that feeds the layer.
+// q, k: (B, N, D, H, W), v and out: (B, N, Dv, H, W); every channel is an
+// H x W plane with unit column stride, and batches, heads, channels and rows
+// may have any strides (q, k and v may be views into one (B, 3C, H, W)
+// projection). The relative position tables come as rel_row (kh, N, Dr) and
+// rel_col (kw, N, Dc), Dr + Dc == D: the logit of tap (ty, tx) adds
+// q[:Dr] . rel_row[ty] + q[Dr:] . rel_col[tx]. Nothing is unfolded: K and V
+// are never copied per tap.
 //
-// Forward, per pixel and head: attn = softmax_t(q . k_t + row_ty + col_tx) over
-// the taps inside the image (taps outside do not exist: weight 0), and
-// out = sum_t attn_t v_t. Backward runs over query pixels (gradients of the
-// logits and of q), then over key pixels, gathering the gradients of k and v
-// from the queries that saw them, so no two threads write the same element.
+// Vectorisation is across pixels. A block of L consecutive pixels of one row
+// (one register: 8 floats or 4 doubles with AVX) is processed together: at tap
+// (oy, ox) their keys are L consecutive pixels of row i + oy, so q . k is D
+// full-width fused multiply-adds whatever the head width, with no horizontal
+// sums. The taps of a tap row are done together (one pass over the channels,
+// one accumulator per tap); weighted sums over taps keep up to 8 channels in
+// registers; both have compile-time widths for any window and head width.
+//
+// Each thread takes a band of query rows and walks it head by head, so what
+// one head's rows touch stays in the core's cache. Borders: the thread copies
+// the key and value rows its queries read into a small ring of zero-padded
+// rows, so no load needs a bounds check. Tap rows outside the image are
+// skipped; in blocks that touch the left or right border, taps outside the
+// image get weight exactly 0: they do not exist, they are not zeros.
+//
+// Forward, per pixel and head: attn = softmax_t(q . k_t + q . r_t) over the
+// taps inside the image, out = sum_t attn_t v_t. The softmax map is stored
+// only when the backward will use it, (B, H, N, Wp / L, T, L) (Wp: W rounded
+// up to L): each block's weights in one piece. Backward, per query row: the map (loaded, or recomputed when it was
+// not stored), d(logits), d(q) and the position-table gradients; then d(k)
+// and d(v) go to the key rows the row's queries read, each key block
+// gathered in registers from the row's d(logits) and q (attention and
+// grad_out), so d(logits) never exists beyond one row. Key rows that a
+// neighbouring band's queries also reach go to a private buffer, summed
+// afterwards: no atomics, and the result does not depend on timing.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <map>
+#include <memory>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-struct Geometry {
-  int64_t B, H, W, N, D, Dv, kh, kw, dh, dw;
-  int64_t taps() const { return kh * kw; }
-  int64_t pixels() const { return B * H * W; }
-  // Tap offsets: centred, the extra tap of an even window after the centre,
-  // like nn.Conv2d(padding='same').
-  int64_t row_offset(int64_t ty) const { return (ty - (kh - 1) / 2) * dh; }
-  int64_t col_offset(int64_t tx) const { return (tx - (kw - 1) / 2) * dw; }
+// One register of L lanes (GCC vector extensions): AVX when the build
+// targets it (-march=native on an AVX machine), else SSE2 (a portable build).
+#if defined(__AVX__)
+#define SASA_VECTOR_BYTES 32
+#else
+#define SASA_VECTOR_BYTES 16
+#endif
 
-  // Pixel index of each tap's neighbour of pixel p (sign +1: the keys a query
-  // sees; sign -1: the queries that see a key), -1 outside the image.
-  void neighbours(int64_t p, int64_t sign, int64_t* out) const {
-    const int64_t b = p / (H * W), i = (p / W) % H, j = p % W;
-    for (int64_t ty = 0; ty < kh; ++ty) {
-      const int64_t a = i + sign * row_offset(ty);
-      const bool row_inside = a >= 0 && a < H;
-      for (int64_t tx = 0; tx < kw; ++tx) {
-        const int64_t c = j + sign * col_offset(tx);
-        out[ty * kw + tx] = row_inside && c >= 0 && c < W ? (b * H + a) * W + c : -1;
-      }
-    }
+template <typename scalar_t>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(SASA_VECTOR_BYTES)));
+  typedef float VU __attribute__((vector_size(SASA_VECTOR_BYTES), aligned(4)));
+  typedef int32_t Int;
+  typedef Int I __attribute__((vector_size(SASA_VECTOR_BYTES)));
+  static constexpr int L = SASA_VECTOR_BYTES / 4;
+
+  // exp(x - top) for x <= top, as 2^n * p(f) with n = round((x - top) log2 e)
+  // and a degree-6 polynomial for 2^f, |f| <= 1/2: about 1 ulp, 14
+  // instructions. Below 2^-126 it returns about 2^-126 (negligible next to
+  // the largest weight, 1); kExact: exactly 0 for x = -inf.
+  template <bool kExact>
+  static V exp_minus(V x, V top) {
+    const float log2e = 1.44269504088896341f;
+    V y = x * log2e - top * log2e;
+    const I absent = y < -127.0f;
+    y = y < -126.0f ? V{} - 126.0f : y;
+    const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const V shifted = y + magic;
+    const V f = y - (shifted - magic);
+    V p = V{} + 1.5345810970757157e-4f;
+    p = p * f + 1.3399930903688073e-3f;
+    p = p * f + 9.618489071726799e-3f;
+    p = p * f + 5.550328642129898e-2f;
+    p = p * f + 2.4022646248340607e-1f;
+    p = p * f + 6.931471824645996e-1f;
+    p = p * f + 1.0f;
+    // The low bits of `shifted` hold n; shifted into the exponent, plus the bias.
+    const V e = p * (V)(((I)shifted << 23) + 0x3f800000);
+    return kExact ? (absent ? V{} : e) : e;
   }
 };
 
-// Pixel strides (elements between neighbouring pixels) of the inputs.
-struct Strides {
-  int64_t q, k, v;
-};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(SASA_VECTOR_BYTES)));
+  typedef double VU __attribute__((vector_size(SASA_VECTOR_BYTES), aligned(8)));
+  typedef int64_t Int;
+  typedef Int I __attribute__((vector_size(SASA_VECTOR_BYTES)));
+  static constexpr int L = SASA_VECTOR_BYTES / 8;
 
-// Fixed head widths let the compiler unroll and vectorise the inner loops.
-template <typename scalar_t, int kDim>
-struct Vec {
-  static scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t) {
-    scalar_t s = 0;
-    for (int d = 0; d < kDim; ++d) s += a[d] * b[d];
-    return s;
-  }
-  static void axpy(scalar_t* y, const scalar_t* x, scalar_t w, int64_t) {
-    for (int d = 0; d < kDim; ++d) y[d] += w * x[d];
+  template <bool kExact>
+  static V exp_minus(V x, V top) {  // double is for tests and gradcheck: libm
+    V y;
+    for (int l = 0; l < L; ++l) y[l] = std::exp(x[l] - top[l]);
+    return y;
   }
 };
 
 template <typename scalar_t>
-struct Vec<scalar_t, 0> {  // any width
-  static scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-    scalar_t s = 0;
-    for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-    return s;
+using Vec = typename Simd<scalar_t>::V;
+
+template <typename scalar_t>
+inline Vec<scalar_t> load(const scalar_t* p) {
+  return *reinterpret_cast<const typename Simd<scalar_t>::VU*>(p);
+}
+
+template <typename scalar_t>
+inline void store(scalar_t* p, Vec<scalar_t> x) {
+  *reinterpret_cast<typename Simd<scalar_t>::VU*>(p) = x;
+}
+
+// Stores (or adds) the first n lanes only: the last block of a row.
+template <typename scalar_t>
+inline void store_lanes(scalar_t* p, Vec<scalar_t> x, int64_t n) {
+  if (n >= Simd<scalar_t>::L) return store(p, x);
+  for (int64_t l = 0; l < n; ++l) p[l] = x[l];
+}
+
+template <typename scalar_t>
+inline void add_lanes(scalar_t* p, Vec<scalar_t> x, int64_t n) {
+  if (n >= Simd<scalar_t>::L) return store(p, load(p) + x);
+  for (int64_t l = 0; l < n; ++l) p[l] += x[l];
+}
+
+template <typename scalar_t>
+inline scalar_t lane_sum(Vec<scalar_t> x) {
+  scalar_t s = 0;
+  for (int l = 0; l < Simd<scalar_t>::L; ++l) s += x[l];
+  return s;
+}
+
+template <int kValue>
+using Width = std::integral_constant<int, kValue>;
+
+// Calls fn(d0, Width<w>) over [0, n) in chunks of 8 and one remainder chunk:
+// compile-time widths keep the accumulators in registers.
+template <typename Fn>
+inline void for_chunks(int64_t n, Fn&& fn) {
+  int64_t d0 = 0;
+  for (; d0 + 8 <= n; d0 += 8) fn(d0, Width<8>{});
+  switch (n - d0) {
+    case 1: return fn(d0, Width<1>{});
+    case 2: return fn(d0, Width<2>{});
+    case 3: return fn(d0, Width<3>{});
+    case 4: return fn(d0, Width<4>{});
+    case 5: return fn(d0, Width<5>{});
+    case 6: return fn(d0, Width<6>{});
+    case 7: return fn(d0, Width<7>{});
   }
-  static void axpy(scalar_t* y, const scalar_t* x, scalar_t w, int64_t n) {
-    for (int64_t d = 0; d < n; ++d) y[d] += w * x[d];
+}
+
+// The kT taps of one tap row: acc[t] += sum_{d < dim} x[d * ld] * p[d * ld + t * step]
+// (vectors of L pixels), with x a query (or grad_out) row and p the key (or
+// value) row of the first tap, channel 0. One pass over the channels.
+template <int kT, typename scalar_t>
+inline void row_dots(const scalar_t* x, const scalar_t* p, int64_t ld, int64_t step,
+                     int64_t dim, Vec<scalar_t>* acc) {
+  Vec<scalar_t> a[kT];
+  for (int t = 0; t < kT; ++t) a[t] = acc[t];
+  for (int64_t d = 0; d < dim; ++d) {
+    const Vec<scalar_t> xd = load(x + d * ld);
+    const scalar_t* pd = p + d * ld;
+    for (int t = 0; t < kT; ++t) a[t] += xd * load(pd + t * step);
+  }
+  for (int t = 0; t < kT; ++t) acc[t] = a[t];
+}
+
+// A weighted sum over the taps of one tap row, for kW channels:
+// acc[c] += sum_{t < taps} w[t] * p[c * ld + t * step].
+template <int kW, typename scalar_t>
+inline void row_sum(const Vec<scalar_t>* w, const scalar_t* p, int64_t ld, int64_t step,
+                    int64_t taps, Vec<scalar_t>* acc) {
+  for (int64_t t = 0; t < taps; ++t) {
+    const Vec<scalar_t> wt = w[t];
+    const scalar_t* pt = p + t * step;
+    for (int c = 0; c < kW; ++c) acc[c] += wt * load(pt + c * ld);
+  }
+}
+
+struct Geometry {
+  int64_t B, H, W, N, D, Dv, kh, kw, dh, dw;
+  int64_t Dr, Dc;       // q channels per head for the row / column tables (0, 0: none)
+  int64_t up, down;     // rows a query reaches above and below
+  int64_t left, right;  // columns a query reaches to the left and right
+  int64_t P;            // zero columns on each side of a padded row
+  int64_t Wp, Wpad;     // W rounded up to whole blocks; padded row length
+  std::vector<int64_t> oy, ox;
+
+  Geometry(int64_t B, int64_t H, int64_t W, int64_t N, int64_t D, int64_t Dv, int64_t kh,
+           int64_t kw, int64_t dh, int64_t dw, int64_t Dr, int64_t Dc, int64_t lanes)
+      : B(B), H(H), W(W), N(N), D(D), Dv(Dv), kh(kh), kw(kw), dh(dh), dw(dw), Dr(Dr), Dc(Dc) {
+    // Tap offsets: centred, the extra tap of an even window after the centre,
+    // like nn.Conv2d(padding='same').
+    for (int64_t t = 0; t < kh; ++t) oy.push_back((t - (kh - 1) / 2) * dh);
+    for (int64_t t = 0; t < kw; ++t) ox.push_back((t - (kw - 1) / 2) * dw);
+    up = -oy.front(), down = oy.back(), left = -ox.front(), right = ox.back();
+    P = std::max(left, right);
+    Wp = (W + lanes - 1) / lanes * lanes;
+    Wpad = P + Wp + P;
+  }
+  int64_t taps() const { return kh * kw; }
+  int64_t rows() const { return B * H; }
+};
+
+// A (B, N, D, H, W) tensor: element (b, n, d, i, j) at
+// data[b * sb + n * sn + d * sd + i * sh + j * sw].
+template <typename ptr_t>
+struct Planar {
+  ptr_t* data;
+  int64_t sb, sn, sd, sh, sw;
+  ptr_t* row(int64_t b, int64_t n, int64_t d, int64_t i) const {
+    return data + b * sb + n * sn + d * sd + i * sh;
   }
 };
 
-constexpr int64_t kGrain = 16;  // pixels per parallel task
+// Copies the dim channel rows of head n at (b, :, i) into padded rows
+// dst + d * Wpad + P; the padding stays as it is (zero).
+template <typename scalar_t>
+void copy_row(const Planar<const scalar_t>& src, int64_t n, int64_t dim, int64_t b, int64_t i,
+              const Geometry& g, scalar_t* dst) {
+  for (int64_t d = 0; d < dim; ++d) {
+    const scalar_t* s = src.row(b, n, d, i);
+    scalar_t* o = dst + d * g.Wpad + g.P;
+    if (src.sw == 1) {
+      std::memcpy(o, s, g.W * sizeof(scalar_t));
+    } else {
+      for (int64_t j = 0; j < g.W; ++j) o[j] = s[j * src.sw];
+    }
+  }
+}
 
-template <typename scalar_t, int kD, int kDv>
-void forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                    const scalar_t* row, const scalar_t* col, scalar_t* out, scalar_t* attn,
-                    const Geometry g, const Strides s) {
-  using VD = Vec<scalar_t, kD>;
-  using VDv = Vec<scalar_t, kDv>;
-  const int64_t T = g.taps(), N = g.N, D = g.D, Dv = g.Dv;
-  at::parallel_for(0, g.pixels(), kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> nb(T);
-    std::vector<scalar_t> max_logit(N);
-    for (int64_t p = begin; p < end; ++p) {
-      g.neighbours(p, 1, nb.data());
-      scalar_t* ap = attn + p * N * T;  // (N, T)
-      // Logits, tap by tap so that each neighbour's heads are read together.
-      for (int64_t n = 0; n < N; ++n) max_logit[n] = -std::numeric_limits<scalar_t>::infinity();
-      for (int64_t t = 0; t < T; ++t) {
-        if (nb[t] < 0) continue;
-        const int64_t ty = t / g.kw, tx = t % g.kw;
-        for (int64_t n = 0; n < N; ++n) {
-          scalar_t logit = 0;
-          if (k) logit = VD::dot(q + p * s.q + n * D, k + nb[t] * s.k + n * D, D);
-          if (row) logit += row[(p * N + n) * g.kh + ty] + col[(p * N + n) * g.kw + tx];
-          ap[n * T + t] = logit;
-          max_logit[n] = std::max(max_logit[n], logit);
-        }
+// Asks for pixels [j0, j0 + L) of head n's channel rows at (b, :, i) in
+// cache ahead of their use (the copies above would wait for memory).
+template <typename scalar_t>
+inline void prefetch_row(const Planar<const scalar_t>& src, int64_t n, int64_t dim, int64_t b,
+                         int64_t i, int64_t j0) {
+  for (int64_t d = 0; d < dim; ++d) __builtin_prefetch(src.row(b, n, d, i) + j0 * src.sw);
+}
+
+// One head's padded key (or value) rows that a thread's queries read: a ring
+// of up + down + 1 rows, each copied once while the thread walks its band.
+template <typename scalar_t>
+class RowRing {
+ public:
+  RowRing(const Planar<const scalar_t>& src, int64_t dim, const Geometry& g)
+      : src_(src), dim_(dim), g_(g), slots_(g.up + g.down + 1),
+        buf_(slots_ * dim * g.Wpad, scalar_t(0)), tag_(slots_, -1) {}
+
+  // Channel d of head n, row (b, r): [d * Wpad + P + j] for column j, zero
+  // outside the image.
+  const scalar_t* get(int64_t b, int64_t r, int64_t n) {
+    const int64_t slot = r % slots_, key = (b * g_.H + r) * g_.N + n;
+    scalar_t* p = buf_.data() + slot * dim_ * g_.Wpad;
+    if (tag_[slot] != key) {
+      copy_row(src_, n, dim_, b, r, g_, p);
+      tag_[slot] = key;
+    }
+    return p;
+  }
+
+ private:
+  Planar<const scalar_t> src_;
+  int64_t dim_;
+  const Geometry& g_;
+  int64_t slots_;
+  std::vector<scalar_t> buf_;
+  std::vector<int64_t> tag_;
+};
+
+template <typename scalar_t>
+struct Inputs {
+  Planar<const scalar_t> q, k, v;  // k.data is null without q.k logits
+  const scalar_t* rel_row;         // (kh, N, Dr) or null
+  const scalar_t* rel_col;         // (kw, N, Dc) or null
+};
+
+// Per-thread state shared by the forward and backward passes, for one query
+// row and head at a time. Its taps are walked tap row by tap row; tap rows
+// outside the image are skipped, so logits, weights and gradients are kept
+// per valid tap u = r * kw + tx (r: index among the valid tap rows).
+template <typename scalar_t>
+struct Worker {
+  using V = Vec<scalar_t>;
+  static constexpr int L = Simd<scalar_t>::L;
+
+  const Geometry& g;
+  const Inputs<scalar_t>& in;
+  std::unique_ptr<RowRing<scalar_t>> keys;
+  RowRing<scalar_t> values;
+  std::vector<scalar_t> qrow;                // (D, Wpad): the query row
+  std::vector<int64_t> rows;                 // tap rows inside the image
+  std::vector<const scalar_t*> krow, vrow;   // their padded key / value rows
+  std::vector<V> S, rl, cl;                  // per valid tap; q.r row / column parts
+  int64_t n = 0;                             // the head
+
+  Worker(const Geometry& g, const Inputs<scalar_t>& in)
+      : g(g), in(in),
+        keys(in.k.data ? new RowRing<scalar_t>(in.k, g.D, g) : nullptr),
+        values(in.v, g.Dv, g), qrow(g.D * g.Wpad, scalar_t(0)), krow(g.kh), vrow(g.kh),
+        S(g.taps()), rl(g.kh), cl(g.kw) {}
+
+  int64_t count() const { return int64_t(rows.size()) * g.kw; }
+
+  // Reads query row (b, i) of head `head` and the key and value rows its
+  // taps reach.
+  void start(int64_t b, int64_t i, int64_t head) {
+    n = head;
+    rows.clear();
+    for (int64_t y = 0; y < g.kh; ++y) {
+      const int64_t a = i + g.oy[y];
+      if (a < 0 || a >= g.H) continue;
+      krow[rows.size()] = keys ? keys->get(b, a, n) : nullptr;
+      vrow[rows.size()] = values.get(b, a, n);
+      rows.push_back(y);
+    }
+    copy_row(in.q, n, g.D, b, i, g, qrow.data());
+  }
+
+  // Prefetches part of what start() will copy for the next query row.
+  void prefetch(int64_t b, int64_t i, int64_t j0) const {
+    if (i + 1 >= g.H) return;
+    prefetch_row(in.q, n, g.D, b, i + 1, j0);
+    if (i + 1 + g.down < g.H) {
+      if (keys) prefetch_row(in.k, n, g.D, b, i + 1 + g.down, j0);
+      prefetch_row(in.v, n, g.Dv, b, i + 1 + g.down, j0);
+    }
+  }
+
+  const scalar_t* query(int64_t d) const { return qrow.data() + d * g.Wpad + g.P; }
+
+  // Channel c of valid tap row r, first tap, pixel j0.
+  const scalar_t* key(int64_t r, int64_t c, int64_t j0) const {
+    return krow[r] + c * g.Wpad + g.P + j0 + g.ox[0];
+  }
+  const scalar_t* value(int64_t r, int64_t c, int64_t j0) const {
+    return vrow[r] + c * g.Wpad + g.P + j0 + g.ox[0];
+  }
+
+  // S[u] = exp(logit_u - max_u logit_u) for the row's pixels [j0, j0 + L):
+  // the softmax weights before normalising. Returns 1 / sum_u S[u].
+  V attention(int64_t j0) {
+    const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+    const int64_t valid_rows = rows.size(), count = this->count();
+    if (in.rel_row) {
+      for (int64_t y : rows) {
+        const scalar_t* r = in.rel_row + (y * g.N + n) * g.Dr;
+        V s{};
+        for (int64_t d = 0; d < g.Dr; ++d) s += load(query(d) + j0) * r[d];
+        rl[y] = s;
       }
-      for (int64_t n = 0; n < N; ++n) {
-        scalar_t total = 0;
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t e = nb[t] < 0 ? scalar_t(0) : std::exp(ap[n * T + t] - max_logit[n]);
-          ap[n * T + t] = e;
-          total += e;
-        }
-        const scalar_t inv = scalar_t(1) / total;  // the centre tap always exists
-        for (int64_t t = 0; t < T; ++t) ap[n * T + t] *= inv;
+      for (int64_t x = 0; x < g.kw; ++x) {
+        const scalar_t* r = in.rel_col + (x * g.N + n) * g.Dc;
+        V s{};
+        for (int64_t d = 0; d < g.Dc; ++d) s += load(query(g.Dr + d) + j0) * r[d];
+        cl[x] = s;
       }
-      scalar_t* op = out + p * N * Dv;
-      std::fill(op, op + N * Dv, scalar_t(0));
-      for (int64_t t = 0; t < T; ++t) {
-        if (nb[t] < 0) continue;
-        const scalar_t* vp = v + nb[t] * s.v;
-        for (int64_t n = 0; n < N; ++n) VDv::axpy(op + n * Dv, vp + n * Dv, ap[n * T + t], Dv);
+    }
+    V top = V{} - inf;
+    for (int64_t r = 0; r < valid_rows; ++r) {
+      for_chunks(g.kw, [&](int64_t x0, auto width) {
+        constexpr int kT = decltype(width)::value;
+        V acc[kT];
+        for (int t = 0; t < kT; ++t) acc[t] = in.rel_row ? rl[rows[r]] + cl[x0 + t] : V{};
+        if (keys) row_dots<kT>(query(0) + j0, key(r, 0, j0) + x0 * g.dw, g.Wpad, g.dw, g.D, acc);
+        for (int t = 0; t < kT; ++t) {
+          S[r * g.kw + x0 + t] = acc[t];
+          top = acc[t] > top ? acc[t] : top;
+        }
+      });
+    }
+    V total{};
+    if (j0 >= g.left && j0 + L <= g.W - g.right) {
+      for (int64_t u = 0; u < count; ++u) {
+        S[u] = Simd<scalar_t>::template exp_minus<false>(S[u], top);
+        total += S[u];
+      }
+    } else {
+      // Border block: taps outside the image do not exist. Lanes past the
+      // row's end are no pixels: they keep every tap (finite, unused).
+      using I = typename Simd<scalar_t>::I;
+      using Int = typename Simd<scalar_t>::Int;
+      I lane;
+      for (int l = 0; l < L; ++l) lane[l] = l;
+      const I beyond = lane + Int(j0) >= Int(g.W);
+      top = V{} - inf;
+      for (int64_t u = 0; u < count; ++u) {
+        const I col = lane + Int(j0 + g.ox[u % g.kw]);
+        const I inside = (col >= 0) & (col < Int(g.W));
+        S[u] = (inside | beyond) ? S[u] : V{} - inf;
+        top = S[u] > top ? S[u] : top;
+      }
+      for (int64_t u = 0; u < count; ++u) {
+        S[u] = Simd<scalar_t>::template exp_minus<true>(S[u], top);
+        total += S[u];
+      }
+    }
+    return scalar_t(1) / total;  // the centre tap always exists
+  }
+
+  // acc[c] += sum_u w[u] * (key or value channel d0 + c of tap u).
+  template <int kW>
+  void weighted_sum(const V* w, bool of_keys, int64_t d0, int64_t j0, V* acc) const {
+    for (int64_t r = 0; r < int64_t(rows.size()); ++r) {
+      const scalar_t* p = of_keys ? key(r, d0, j0) : value(r, d0, j0);
+      row_sum<kW>(w + r * g.kw, p, g.Wpad, g.dw, g.kw, acc);
+    }
+  }
+};
+
+// The attention map, (B, H, N, Wp / L, T, L): query row `row` (flattened),
+// head n, block j0, tap 0; a block's taps are contiguous.
+template <typename scalar_t>
+inline scalar_t* map_block(scalar_t* attn, const Geometry& g, int64_t row, int64_t n,
+                           int64_t j0) {
+  return attn + (row * g.N + n) * g.taps() * g.Wp + j0 * g.taps();
+}
+
+// Rows [r0, r1) of the flattened (B * H) query rows, split over threads.
+template <typename Fn>
+void parallel_bands(const Geometry& g, int64_t work, Fn&& fn) {
+  constexpr int64_t kMinWork = 1 << 16;  // multiply-adds worth a thread
+  const int64_t bands = std::max<int64_t>(
+      1, std::min<int64_t>({at::get_num_threads(), g.rows(), work / kMinWork}));
+  at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t band = begin; band < end; ++band)
+      fn(band, band * g.rows() / bands, (band + 1) * g.rows() / bands);
+  });
+}
+
+template <typename scalar_t>
+void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t> out,
+                    scalar_t* attn) {
+  using V = Vec<scalar_t>;
+  constexpr int L = Simd<scalar_t>::L;
+  const int64_t work = g.rows() * g.W * g.N * g.taps() * (g.D + g.Dv);
+  parallel_bands(g, work, [&](int64_t, int64_t r0, int64_t r1) {
+    Worker<scalar_t> w(g, in);
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t b = row / g.H, i = row % g.H;
+        w.start(b, i, n);
+        for (int64_t j0 = 0; j0 < g.W; j0 += L) {
+          if (row + 1 < r1) w.prefetch(b, i, j0);
+          const V inv = w.attention(j0);
+          if (attn) {
+            scalar_t* m = map_block(attn, g, row, n, j0);
+            for (int64_t r = 0; r < int64_t(w.rows.size()); ++r)
+              for (int64_t x = 0; x < g.kw; ++x)
+                store(m + (w.rows[r] * g.kw + x) * L, w.S[r * g.kw + x] * inv);
+          }
+          for_chunks(g.Dv, [&](int64_t d0, auto width) {
+            constexpr int kW = decltype(width)::value;
+            V acc[kW] = {};
+            w.template weighted_sum<kW>(w.S.data(), false, d0, j0, acc);
+            for (int c = 0; c < kW; ++c)
+              store_lanes(out.row(b, n, d0 + c, i) + j0, acc[c] * inv, g.W - j0);
+          });
+        }
       }
     }
   });
 }
 
-template <typename scalar_t, int kD, int kDv>
-void backward_kernel(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k,
-                     const scalar_t* v, const scalar_t* attn, scalar_t* grad_q,
-                     scalar_t* grad_k, scalar_t* grad_v, scalar_t* grad_logits,
-                     scalar_t* grad_row, scalar_t* grad_col, const Geometry g,
-                     const Strides s) {
-  using VD = Vec<scalar_t, kD>;
-  using VDv = Vec<scalar_t, kDv>;
-  const int64_t T = g.taps(), N = g.N, D = g.D, Dv = g.Dv;
-  // Pass 1, over queries: d(logits), d(q) and the row/column reductions.
-  at::parallel_for(0, g.pixels(), kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> nb(T);
-    std::vector<scalar_t> weighted(N);
-    for (int64_t p = begin; p < end; ++p) {
-      g.neighbours(p, 1, nb.data());
-      const scalar_t* gop = grad_out + p * N * Dv;
-      const scalar_t* ap = attn + p * N * T;
-      scalar_t* glp = grad_logits + p * N * T;
-      std::fill(weighted.begin(), weighted.end(), scalar_t(0));
-      for (int64_t t = 0; t < T; ++t) {
-        const scalar_t* vp = nb[t] < 0 ? nullptr : v + nb[t] * s.v;
-        for (int64_t n = 0; n < N; ++n) {
-          const scalar_t ga = vp ? VDv::dot(gop + n * Dv, vp + n * Dv, Dv) : scalar_t(0);
-          glp[n * T + t] = ga;
-          weighted[n] += ap[n * T + t] * ga;
+// One head's d(k) (or d(v)) for the key rows a thread's queries reach,
+// summed in a ring of up + down + 1 rows that stays in cache: a key row
+// enters when the first query row that reaches it starts, and is written out
+// once, when its slot is needed again or the head's pass ends. A row that
+// only this band's queries reach is stored into the output; one that a
+// neighbouring band's queries reach too is kept apart, and added in by
+// flush() after every band has run.
+template <typename scalar_t>
+class GradRing {
+ public:
+  GradRing(Planar<scalar_t> out, int64_t dim, const Geometry& g, int64_t r0, int64_t r1)
+      : out_(out), dim_(dim), g_(g), r0_(r0), r1_(r1), slots_(g.up + g.down + 1),
+        buf_(slots_ * dim * g.Wp), tag_(slots_, -1) {}
+
+  // Channel d of head n's key row (b, a): [d * Wp + j] for column j.
+  scalar_t* get(int64_t b, int64_t a, int64_t n) {
+    const int64_t slot = a % slots_, key = (b * g_.H + a) * g_.N + n;
+    scalar_t* p = buf_.data() + slot * dim_ * g_.Wp;
+    if (tag_[slot] != key) {
+      write_out(slot);
+      std::fill(p, p + dim_ * g_.Wp, scalar_t(0));
+      tag_[slot] = key;
+    }
+    return p;
+  }
+
+  // Writes out every row still in the ring.
+  void finish() {
+    for (int64_t slot = 0; slot < slots_; ++slot) write_out(slot);
+  }
+
+  // Adds the rows kept apart into the output; `done` marks the key rows an
+  // earlier band has written.
+  void flush(std::vector<bool>& done) {
+    for (auto& [key, rows] : shared_) {
+      const int64_t b = key / g_.H, a = key % g_.H;
+      for (int64_t n = 0; n < g_.N; ++n)
+        for (int64_t d = 0; d < dim_; ++d) {
+          scalar_t* o = out_.row(b, n, d, a);
+          const scalar_t* s = rows.data() + (n * dim_ + d) * g_.W;
+          if (done[key]) {
+            for (int64_t j = 0; j < g_.W; ++j) o[j] += s[j];
+          } else {
+            std::memcpy(o, s, g_.W * sizeof(scalar_t));
+          }
         }
-      }
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t t = 0; t < T; ++t)
-          glp[n * T + t] = ap[n * T + t] * (glp[n * T + t] - weighted[n]);
-      if (grad_row) {
-        for (int64_t n = 0; n < N; ++n) {
-          scalar_t* gr = grad_row + (p * N + n) * g.kh;
-          scalar_t* gc = grad_col + (p * N + n) * g.kw;
-          std::fill(gr, gr + g.kh, scalar_t(0));
-          std::fill(gc, gc + g.kw, scalar_t(0));
-          for (int64_t t = 0; t < T; ++t) {
-            gr[t / g.kw] += glp[n * T + t];
-            gc[t % g.kw] += glp[n * T + t];
+      done[key] = true;
+    }
+  }
+
+ private:
+  void write_out(int64_t slot) {
+    if (tag_[slot] < 0) return;
+    const int64_t n = tag_[slot] % g_.N, row = tag_[slot] / g_.N;
+    const int64_t b = row / g_.H, a = row % g_.H;
+    tag_[slot] = -1;
+    const scalar_t* p = buf_.data() + slot * dim_ * g_.Wp;
+    const int64_t i0 = std::max(r0_ - b * g_.H, int64_t(0));
+    const int64_t i1 = std::min(r1_ - b * g_.H, g_.H);
+    if (std::max(a - g_.down, int64_t(0)) >= i0 && std::min(a + g_.up, g_.H - 1) < i1) {
+      for (int64_t d = 0; d < dim_; ++d)
+        std::memcpy(out_.row(b, n, d, a), p + d * g_.Wp, g_.W * sizeof(scalar_t));
+      return;
+    }
+    auto& rows = shared_[row];
+    if (rows.empty()) rows.assign(g_.N * dim_ * g_.W, scalar_t(0));
+    for (int64_t d = 0; d < dim_; ++d) {
+      scalar_t* o = rows.data() + (n * dim_ + d) * g_.W;
+      for (int64_t j = 0; j < g_.W; ++j) o[j] += p[d * g_.Wp + j];
+    }
+  }
+
+  Planar<scalar_t> out_;
+  int64_t dim_;
+  const Geometry& g_;
+  int64_t r0_, r1_;  // the band's query rows (flattened)
+  int64_t slots_;
+  std::vector<scalar_t> buf_;
+  std::vector<int64_t> tag_;
+  std::map<int64_t, std::vector<scalar_t>> shared_;  // key row (flattened) -> (N * dim, W)
+};
+
+template <typename scalar_t>
+void backward_kernel(const Geometry& g, const Inputs<scalar_t>& in,
+                     Planar<const scalar_t> grad_out, const scalar_t* attn,
+                     Planar<scalar_t> grad_q, Planar<scalar_t> grad_k, Planar<scalar_t> grad_v,
+                     scalar_t* grad_rel_row, scalar_t* grad_rel_col) {
+  using V = Vec<scalar_t>;
+  constexpr int L = Simd<scalar_t>::L;
+  const int64_t T = g.taps();
+  const bool with_key = in.k.data != nullptr, with_rel = in.rel_row != nullptr;
+  const int64_t work = g.rows() * g.W * g.N * T * (g.D + g.Dv) * 2;
+  const int64_t max_bands = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                   g.rows()));
+  std::vector<std::unique_ptr<GradRing<scalar_t>>> key_rows(max_bands), value_rows(max_bands);
+  std::vector<std::vector<scalar_t>> rel_sums(max_bands);  // per band: row table, col table
+  const int64_t rel_size = (g.kh * g.Dr + g.kw * g.Dc) * g.N;
+
+  parallel_bands(g, work, [&](int64_t band, int64_t r0, int64_t r1) {
+    Worker<scalar_t> w(g, in);
+    auto& dk = key_rows[band];
+    auto& dv = value_rows[band];
+    if (with_key) dk.reset(new GradRing<scalar_t>(grad_k, g.D, g, r0, r1));
+    dv.reset(new GradRing<scalar_t>(grad_v, g.Dv, g, r0, r1));
+    std::vector<scalar_t> gorow(g.Dv * g.Wpad, scalar_t(0));
+    // The row's attention and d(logits), (T, Wpad), zero padded.
+    std::vector<scalar_t> arow(T * g.Wpad, scalar_t(0)), glrow(T * g.Wpad, scalar_t(0));
+    std::vector<V> G(T), grow(g.kh), gcol(g.kw);
+    std::vector<V> rel_acc(with_rel ? rel_size : 0);  // lanes summed at the end
+    std::vector<scalar_t*> kdest(g.kh), vdest(g.kh);
+
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t b = row / g.H, i = row % g.H;
+        w.start(b, i, n);
+        copy_row(grad_out, n, g.Dv, b, i, g, gorow.data());
+        const int64_t count = w.count(), valid_rows = w.rows.size();
+        for (int64_t y : w.rows) {
+          if (with_key) kdest[y] = dk->get(b, i + g.oy[y], n);
+          vdest[y] = dv->get(b, i + g.oy[y], n);
+        }
+        const scalar_t* go = gorow.data() + g.P;
+        for (int64_t j0 = 0; j0 < g.W; j0 += L) {
+          if (row + 1 < r1) {
+            w.prefetch(b, i, j0);
+            if (i + 1 < g.H) prefetch_row(grad_out, n, g.Dv, b, i + 1, j0);
+          }
+          auto& A = w.S;
+          if (attn) {
+            const scalar_t* m = map_block(attn, g, row, n, j0);
+            for (int64_t e = 0; e < T * L; e += 64 / sizeof(scalar_t))
+              __builtin_prefetch(m + T * L + e);  // the next block's
+            for (int64_t r = 0; r < valid_rows; ++r)
+              for (int64_t x = 0; x < g.kw; ++x)
+                A[r * g.kw + x] = load(m + (w.rows[r] * g.kw + x) * L);
+          } else {
+            const V inv = w.attention(j0);
+            for (int64_t u = 0; u < count; ++u) A[u] *= inv;
+          }
+          // d(attn)_u = grad_out . v_u, then the softmax's backward.
+          for (int64_t r = 0; r < valid_rows; ++r) {
+            for_chunks(g.kw, [&](int64_t x0, auto width) {
+              constexpr int kT = decltype(width)::value;
+              V acc[kT] = {};
+              row_dots<kT>(go + j0, w.value(r, 0, j0) + x0 * g.dw, g.Wpad, g.dw, g.Dv, acc);
+              for (int t = 0; t < kT; ++t) G[r * g.kw + x0 + t] = acc[t];
+            });
+          }
+          V weighted{};
+          for (int64_t u = 0; u < count; ++u) weighted += A[u] * G[u];
+          for (int64_t u = 0; u < count; ++u) G[u] = A[u] * (G[u] - weighted);
+          for (int64_t r = 0; r < valid_rows; ++r) {
+            for (int64_t x = 0; x < g.kw; ++x) {
+              const int64_t at = (w.rows[r] * g.kw + x) * g.Wpad + g.P + j0;
+              store(arow.data() + at, A[r * g.kw + x]);
+              store(glrow.data() + at, G[r * g.kw + x]);
+            }
+          }
+          if (with_rel) {
+            std::fill(gcol.begin(), gcol.end(), V{});
+            for (int64_t r = 0; r < valid_rows; ++r) {
+              V sum{};
+              for (int64_t x = 0; x < g.kw; ++x) {
+                sum += G[r * g.kw + x];
+                gcol[x] += G[r * g.kw + x];
+              }
+              grow[w.rows[r]] = sum;
+            }
+          }
+          // d(q) = sum_u d(logit)_u (k_u + r_u).
+          for_chunks(g.D, [&](int64_t d0, auto width) {
+            constexpr int kW = decltype(width)::value;
+            V acc[kW] = {};
+            if (with_key) w.template weighted_sum<kW>(G.data(), true, d0, j0, acc);
+            if (with_rel) {
+              for (int c = 0; c < kW; ++c) {
+                const int64_t d = d0 + c;
+                const V qd = load(w.query(d) + j0);
+                if (d < g.Dr) {
+                  for (int64_t y : w.rows) {
+                    const int64_t at = (y * g.N + n) * g.Dr + d;
+                    acc[c] += grow[y] * in.rel_row[at];
+                    rel_acc[at] += grow[y] * qd;
+                  }
+                } else {
+                  for (int64_t x = 0; x < g.kw; ++x) {
+                    const int64_t at = (x * g.N + n) * g.Dc + d - g.Dr;
+                    acc[c] += gcol[x] * in.rel_col[at];
+                    rel_acc[g.kh * g.N * g.Dr + at] += gcol[x] * qd;
+                  }
+                }
+              }
+            }
+            for (int c = 0; c < kW; ++c)
+              store_lanes(grad_q.row(b, n, d0 + c, i) + j0, acc[c], g.W - j0);
+          });
+        }
+        // d(k) and d(v) of the key rows this query row reads: key pixel j of
+        // tap (y, x) was read by query j - ox.
+        for (int64_t y : w.rows) {
+          for (int pass = with_key ? 0 : 1; pass < 2; ++pass) {
+            scalar_t* dest = pass == 0 ? kdest[y] : vdest[y];
+            const scalar_t* weights = (pass == 0 ? glrow.data() : arow.data()) +
+                                      y * g.kw * g.Wpad + g.P;
+            const int64_t dim = pass == 0 ? g.D : g.Dv;
+            const scalar_t* source = pass == 0 ? w.query(0) : go;
+            for (int64_t j0 = 0; j0 < g.W; j0 += L) {
+              for_chunks(dim, [&](int64_t d0, auto width) {
+                constexpr int kW = decltype(width)::value;
+                V acc[kW] = {};
+                for (int64_t x = 0; x < g.kw; ++x) {
+                  const int64_t col = j0 - g.ox[x];
+                  const V wt = load(weights + x * g.Wpad + col);
+                  const scalar_t* s = source + d0 * g.Wpad + col;
+                  for (int c = 0; c < kW; ++c) acc[c] += wt * load(s + c * g.Wpad);
+                }
+                scalar_t* o = dest + d0 * g.Wp + j0;
+                for (int c = 0; c < kW; ++c) store(o + c * g.Wp, load(o + c * g.Wp) + acc[c]);
+              });
+            }
           }
         }
       }
-      if (k) {
-        scalar_t* gqp = grad_q + p * N * D;
-        std::fill(gqp, gqp + N * D, scalar_t(0));
-        for (int64_t t = 0; t < T; ++t) {
-          if (nb[t] < 0) continue;
-          const scalar_t* kp = k + nb[t] * s.k;
-          for (int64_t n = 0; n < N; ++n) VD::axpy(gqp + n * D, kp + n * D, glp[n * T + t], D);
-        }
-      }
+    }
+    if (with_key) dk->finish();
+    dv->finish();
+    if (with_rel) {
+      rel_sums[band].resize(rel_size);
+      for (int64_t e = 0; e < rel_size; ++e) rel_sums[band][e] = lane_sum<scalar_t>(rel_acc[e]);
     }
   });
-  // Pass 2, over keys: gather d(k) and d(v) from every query that saw the key.
-  at::parallel_for(0, g.pixels(), kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> seen_by(T);
-    for (int64_t p = begin; p < end; ++p) {
-      g.neighbours(p, -1, seen_by.data());
-      scalar_t* gvp = grad_v + p * N * Dv;
-      scalar_t* gkp = k ? grad_k + p * N * D : nullptr;
-      std::fill(gvp, gvp + N * Dv, scalar_t(0));
-      if (gkp) std::fill(gkp, gkp + N * D, scalar_t(0));
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t query = seen_by[t];
-        if (query < 0) continue;
-        const scalar_t* gop = grad_out + query * N * Dv;
-        const scalar_t* ap = attn + query * N * T;
-        for (int64_t n = 0; n < N; ++n) VDv::axpy(gvp + n * Dv, gop + n * Dv, ap[n * T + t], Dv);
-        if (gkp) {
-          const scalar_t* glp = grad_logits + query * N * T;
-          const scalar_t* qp = q + query * s.q;
-          for (int64_t n = 0; n < N; ++n) VD::axpy(gkp + n * D, qp + n * D, glp[n * T + t], D);
-        }
-      }
-    }
-  });
-}
-
-// Calls fn<kD, kDv>() with compile-time head widths for the common cases.
-template <typename Fn>
-void dispatch_width(int64_t D, int64_t Dv, Fn&& fn) {
-  if (D == Dv) {
-    switch (D) {
-      case 4: return fn(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{});
-      case 8: return fn(std::integral_constant<int, 8>{}, std::integral_constant<int, 8>{});
-      case 16: return fn(std::integral_constant<int, 16>{}, std::integral_constant<int, 16>{});
-      case 32: return fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 32>{});
-      case 64: return fn(std::integral_constant<int, 64>{}, std::integral_constant<int, 64>{});
+  std::vector<bool> key_done(g.rows()), value_done(g.rows());
+  for (int64_t band = 0; band < max_bands; ++band) {
+    if (key_rows[band]) key_rows[band]->flush(key_done);
+    if (value_rows[band]) value_rows[band]->flush(value_done);
+    if (with_rel && !rel_sums[band].empty()) {
+      const int64_t rows = g.kh * g.N * g.Dr;
+      for (int64_t e = 0; e < rows; ++e) grad_rel_row[e] += rel_sums[band][e];
+      for (int64_t e = rows; e < rel_size; ++e) grad_rel_col[e - rows] += rel_sums[band][e];
     }
   }
-  fn(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
 }
 
-// Checks a (B, H, W, N, D) tensor: heads and channels dense, one pixel stride.
-int64_t pixel_stride(const torch::Tensor& t, const torch::Tensor& like, const char* name) {
+template <typename ptr_t>
+Planar<ptr_t> planar(ptr_t* data, const torch::Tensor& t) {
+  return {data, t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+// Checks a (B, N, D, H, W) tensor whose columns are dense.
+void check_planar(const torch::Tensor& t, const torch::Tensor& like, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 5, name, " must be (B, H, W, N, D)");
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type());
-  const int64_t step = t.stride(2);
-  TORCH_CHECK(t.stride(4) == 1 && t.stride(3) == t.size(4) && step >= t.size(3) * t.size(4) &&
-                  t.stride(1) == t.size(2) * step && t.stride(0) == t.size(1) * t.stride(1),
-              name, " must have dense heads and channels and a uniform pixel stride");
-  return step;
+  TORCH_CHECK(t.dim() == 5, name, " must be (B, N, D, H, W)");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
+              like.scalar_type());
+  TORCH_CHECK(t.size(0) == like.size(0) && t.size(1) == like.size(1) &&
+                  t.size(3) == like.size(3) && t.size(4) == like.size(4),
+              name, " must match q in batch, heads, height and width");
+  TORCH_CHECK(t.stride(4) == 1 || t.size(4) == 1, name, " must have unit column stride");
 }
 
-Geometry make_geometry(const torch::Tensor& q, const torch::Tensor& v, int64_t kh, int64_t kw,
+Geometry make_geometry(const torch::Tensor& q, const torch::Tensor& v,
+                       const c10::optional<torch::Tensor>& rel_row,
+                       const c10::optional<torch::Tensor>& rel_col, int64_t kh, int64_t kw,
                        int64_t dh, int64_t dw) {
   TORCH_CHECK(kh > 0 && kw > 0 && dh > 0 && dw > 0, "window and dilation must be positive");
-  return Geometry{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4), v.size(4),
-                  kh, kw, dh, dw};
+  TORCH_CHECK(q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kDouble,
+              "the kernel computes in float32 or float64");
+  check_planar(q, q, "q");
+  check_planar(v, q, "v");
+  TORCH_CHECK(rel_row.has_value() == rel_col.has_value(), "rel_row and rel_col go together");
+  int64_t Dr = 0, Dc = 0;
+  if (rel_row) {
+    TORCH_CHECK(rel_row->is_contiguous() && rel_col->is_contiguous() &&
+                    rel_row->scalar_type() == q.scalar_type() &&
+                    rel_col->scalar_type() == q.scalar_type(),
+                "rel_row and rel_col must be contiguous, with the dtype of q");
+    TORCH_CHECK(rel_row->dim() == 3 && rel_col->dim() == 3 && rel_row->size(0) == kh &&
+                    rel_col->size(0) == kw && rel_row->size(1) == q.size(1) &&
+                    rel_col->size(1) == q.size(1) &&
+                    rel_row->size(2) + rel_col->size(2) == q.size(2),
+                "rel_row and rel_col must be (kh, N, Dr) and (kw, N, Dc), Dr + Dc = D");
+    Dr = rel_row->size(2), Dc = rel_col->size(2);
+  }
+  const int64_t lanes = q.scalar_type() == torch::kFloat ? Simd<float>::L : Simd<double>::L;
+  return Geometry(q.size(0), q.size(3), q.size(4), q.size(1), q.size(2), v.size(2), kh, kw,
+                  dh, dw, Dr, Dc, lanes);
 }
 
-void check_rel(const c10::optional<torch::Tensor>& row, const c10::optional<torch::Tensor>& col,
-               const torch::Tensor& q, const Geometry& g) {
-  TORCH_CHECK(row.has_value() == col.has_value(), "row and col logits go together");
-  if (!row) return;
-  TORCH_CHECK(row->is_contiguous() && col->is_contiguous(), "row/col logits must be contiguous");
-  TORCH_CHECK(row->scalar_type() == q.scalar_type() && col->scalar_type() == q.scalar_type(),
-              "row/col logits must have the dtype of q");
-  TORCH_CHECK(row->numel() == g.pixels() * g.N * g.kh && col->numel() == g.pixels() * g.N * g.kw,
-              "row/col logits must be (B, H, W, N, kh) and (B, H, W, N, kw)");
+template <typename scalar_t>
+Inputs<scalar_t> make_inputs(const torch::Tensor& q, const c10::optional<torch::Tensor>& k,
+                             const torch::Tensor& v,
+                             const c10::optional<torch::Tensor>& rel_row,
+                             const c10::optional<torch::Tensor>& rel_col) {
+  Planar<const scalar_t> none{nullptr, 0, 0, 0, 0, 0};
+  return {planar<const scalar_t>(q.data_ptr<scalar_t>(), q),
+          k ? planar<const scalar_t>(k->data_ptr<scalar_t>(), *k) : none,
+          planar<const scalar_t>(v.data_ptr<scalar_t>(), v),
+          rel_row ? rel_row->data_ptr<scalar_t>() : nullptr,
+          rel_col ? rel_col->data_ptr<scalar_t>() : nullptr};
 }
 
-// Returns (out, attn).
+// Returns (out, attn); attn is an undefined tensor unless store_attention.
 std::vector<torch::Tensor> forward(const torch::Tensor& q, const c10::optional<torch::Tensor>& k,
-                                   const torch::Tensor& v, const c10::optional<torch::Tensor>& row,
-                                   const c10::optional<torch::Tensor>& col, int64_t kh,
-                                   int64_t kw, int64_t dh, int64_t dw) {
-  const Geometry g = make_geometry(q, v, kh, kw, dh, dw);
-  const Strides s{pixel_stride(q, q, "q"), k ? pixel_stride(*k, q, "k") : 0,
-                  pixel_stride(v, q, "v")};
-  check_rel(row, col, q, g);
-  auto out = torch::empty({g.B, g.H, g.W, g.N, g.Dv}, q.options());
-  auto attn = torch::empty({g.B, g.H, g.W, g.N, g.taps()}, q.options());
+                                   const torch::Tensor& v,
+                                   const c10::optional<torch::Tensor>& rel_row,
+                                   const c10::optional<torch::Tensor>& rel_col, int64_t kh,
+                                   int64_t kw, int64_t dh, int64_t dw, bool store_attention) {
+  const Geometry g = make_geometry(q, v, rel_row, rel_col, kh, kw, dh, dw);
+  if (k) {
+    check_planar(*k, q, "k");
+    TORCH_CHECK(k->size(2) == q.size(2), "k must have the head width of q");
+  }
+  TORCH_CHECK(k || rel_row, "the logits need k, the position tables, or both");
+  auto out = torch::empty({g.B, g.N, g.Dv, g.H, g.W}, q.options());
+  torch::Tensor attn;
+  if (store_attention) attn = torch::empty({g.B, g.H, g.N, g.taps() * g.Wp}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "local_attention_forward", [&] {
-    dispatch_width(g.D, g.Dv, [&](auto dim, auto dim_v) {
-      forward_kernel<scalar_t, decltype(dim)::value, decltype(dim_v)::value>(
-          q.data_ptr<scalar_t>(), k ? k->data_ptr<scalar_t>() : nullptr, v.data_ptr<scalar_t>(),
-          row ? row->data_ptr<scalar_t>() : nullptr, col ? col->data_ptr<scalar_t>() : nullptr,
-          out.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), g, s);
-    });
+    forward_kernel<scalar_t>(g, make_inputs<scalar_t>(q, k, v, rel_row, rel_col),
+                             planar(out.data_ptr<scalar_t>(), out),
+                             store_attention ? attn.data_ptr<scalar_t>() : nullptr);
   });
   return {out, attn};
 }
 
-// Returns (grad_q from q.k, grad_k, grad_v, grad_row, grad_col); grad_q and grad_k
-// are undefined without k, grad_row and grad_col without relative logits.
+// Writes grad_q, grad_k and grad_v (planar, unit column stride, like q, k
+// and v: they may be views into one buffer; any content) and returns
+// (grad_rel_row, grad_rel_col), undefined without tables. attn: the map the
+// forward stored, or None to recompute it.
 std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& q,
                                     const c10::optional<torch::Tensor>& k,
-                                    const torch::Tensor& v, const torch::Tensor& attn,
-                                    bool with_rel, int64_t kh, int64_t kw, int64_t dh,
+                                    const torch::Tensor& v,
+                                    const c10::optional<torch::Tensor>& rel_row,
+                                    const c10::optional<torch::Tensor>& rel_col,
+                                    const c10::optional<torch::Tensor>& attn,
+                                    torch::Tensor grad_q, c10::optional<torch::Tensor> grad_k,
+                                    torch::Tensor grad_v, int64_t kh, int64_t kw, int64_t dh,
                                     int64_t dw) {
-  const Geometry g = make_geometry(q, v, kh, kw, dh, dw);
-  const Strides s{pixel_stride(q, q, "q"), k ? pixel_stride(*k, q, "k") : 0,
-                  pixel_stride(v, q, "v")};
-  TORCH_CHECK(grad_out.is_contiguous() && attn.is_contiguous(),
-              "grad_out and attn must be contiguous");
-  auto opts = q.options();
-  torch::Tensor grad_q, grad_k, grad_row, grad_col;
+  const Geometry g = make_geometry(q, v, rel_row, rel_col, kh, kw, dh, dw);
+  if (k) check_planar(*k, q, "k");
+  TORCH_CHECK(grad_out.dim() == 5 && grad_out.size(2) == g.Dv &&
+                  grad_out.scalar_type() == q.scalar_type(),
+              "grad_out must be like out");
+  if (attn) {
+    TORCH_CHECK(attn->is_contiguous() &&
+                    attn->sizes() == torch::IntArrayRef({g.B, g.H, g.N, g.taps() * g.Wp}),
+                "attn must be the map the forward returned");
+  }
+  TORCH_CHECK(k.has_value() == grad_k.has_value(), "grad_k goes with k");
+  check_planar(grad_q, q, "grad_q");
+  check_planar(grad_v, v, "grad_v");
+  TORCH_CHECK(grad_q.sizes() == q.sizes() && grad_v.sizes() == v.sizes(),
+              "grad_q and grad_v must be shaped like q and v");
   if (k) {
-    grad_q = torch::empty({g.B, g.H, g.W, g.N, g.D}, opts);
-    grad_k = torch::empty({g.B, g.H, g.W, g.N, g.D}, opts);
+    check_planar(*grad_k, q, "grad_k");
+    TORCH_CHECK(grad_k->sizes() == k->sizes(), "grad_k must be shaped like k");
   }
-  if (with_rel) {
-    grad_row = torch::empty({g.B, g.H, g.W, g.N, g.kh}, opts);
-    grad_col = torch::empty({g.B, g.H, g.W, g.N, g.kw}, opts);
+  torch::Tensor grad_rel_row, grad_rel_col;
+  if (rel_row) {
+    grad_rel_row = torch::zeros_like(*rel_row);
+    grad_rel_col = torch::zeros_like(*rel_col);
   }
-  auto grad_v = torch::empty({g.B, g.H, g.W, g.N, g.Dv}, opts);
-  auto grad_logits = torch::empty_like(attn);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "local_attention_backward", [&] {
-    dispatch_width(g.D, g.Dv, [&](auto dim, auto dim_v) {
-      backward_kernel<scalar_t, decltype(dim)::value, decltype(dim_v)::value>(
-          grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-          k ? k->data_ptr<scalar_t>() : nullptr, v.data_ptr<scalar_t>(),
-          attn.data_ptr<scalar_t>(), k ? grad_q.data_ptr<scalar_t>() : nullptr,
-          k ? grad_k.data_ptr<scalar_t>() : nullptr, grad_v.data_ptr<scalar_t>(),
-          grad_logits.data_ptr<scalar_t>(), with_rel ? grad_row.data_ptr<scalar_t>() : nullptr,
-          with_rel ? grad_col.data_ptr<scalar_t>() : nullptr, g, s);
-    });
+    Planar<scalar_t> none{nullptr, 0, 0, 0, 0, 0};
+    backward_kernel<scalar_t>(
+        g, make_inputs<scalar_t>(q, k, v, rel_row, rel_col),
+        planar<const scalar_t>(grad_out.data_ptr<scalar_t>(), grad_out),
+        attn ? attn->data_ptr<scalar_t>() : nullptr, planar(grad_q.data_ptr<scalar_t>(), grad_q),
+        k ? planar(grad_k->data_ptr<scalar_t>(), *grad_k) : none,
+        planar(grad_v.data_ptr<scalar_t>(), grad_v),
+        rel_row ? grad_rel_row.data_ptr<scalar_t>() : nullptr,
+        rel_row ? grad_rel_col.data_ptr<scalar_t>() : nullptr);
   });
-  return {grad_q, grad_k, grad_v, grad_row, grad_col};
+  return {grad_rel_row, grad_rel_col};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused local multi-head self-attention (CPU)";
-  m.def("forward", &forward, "local attention forward: (out, attn)");
+  m.def("forward", &forward, "local attention forward: (out, attn or undefined)");
   m.def("backward", &backward,
-        "local attention backward: (grad_q, grad_k, grad_v, grad_row, grad_col)");
+        "local attention backward: writes grad_q, grad_k, grad_v; returns "
+        "(grad_rel_row, grad_rel_col)");
 }
