@@ -12,8 +12,9 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import sasa_mmdet  # noqa: F401  (registers modules, weights-only loading)
-from sasa_mmdet.engine import (add_safe_checkpoint_hook, enable_amp,
-                               finish_cpu_distributed, setup_cpu_distributed)
+from sasa_mmdet.engine import (add_epoch_seed_hook, add_safe_checkpoint_hook,
+                               enable_amp, finish_cpu_distributed,
+                               setup_cpu_distributed)
 
 
 def parse_args():
@@ -110,8 +111,10 @@ def main():
         cfg.resume = True
         cfg.load_from = args.resume
 
-    # checkpoints that load with weights_only=True; gloo processes on CPU
+    # checkpoints that load with weights_only=True and fit the model; exact
+    # resume (per-epoch seeds); gloo processes on CPU
     add_safe_checkpoint_hook(cfg)
+    add_epoch_seed_hook(cfg)
     setup_cpu_distributed(cfg)
 
     # build the runner from config

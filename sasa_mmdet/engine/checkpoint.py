@@ -31,16 +31,22 @@ This module fixes that at the two narrowest points instead:
   already load with torch's weights-only default.
 
 It is registered when ``sasa_mmdet`` is imported.
+
+:func:`check_checkpoint_fits` (run by the same hook after every load
+through the runner: ``load_from``, ``--resume``, ``tools/test.py CKPT``)
+refuses a checkpoint whose tensors do not fit the model. mmengine loads such
+a file in part and only logs a warning.
 """
 import os.path as osp
 import pickle
 import re
 from collections import OrderedDict
-from typing import Any, Callable, List, Union
+from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
+from mmengine.model import BaseTTAModel, is_model_wrapper
 from mmengine.runner import CheckpointLoader
 
 # Marks a value that encode_checkpoint rewrote; holds the original type.
@@ -209,3 +215,86 @@ def decode_checkpoint(checkpoint: dict) -> None:
     for key in _ENCODED_KEYS:
         if key in checkpoint:
             checkpoint[key] = _decode(checkpoint[key])
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's tensors do not fit the model it is loaded into.
+
+    Args:
+        mismatched (list[tuple]): ``(key, checkpoint shape, model shape)``
+            of the tensors whose shapes differ.
+        missing (list[str]): Model tensors the checkpoint does not hold.
+        unexpected (list[str]): Checkpoint tensors the model does not have.
+    """
+
+    def __init__(self, mismatched: List[Tuple[str, tuple, tuple]],
+                 missing: List[str], unexpected: List[str]) -> None:
+        self.mismatched = mismatched
+        self.missing = missing
+        self.unexpected = unexpected
+        lines = ['The checkpoint does not fit the model; nothing was loaded.']
+        if mismatched:
+            lines.append(f'Shapes differ ({len(mismatched)}): ' + ', '.join(
+                f'{key}: checkpoint {ckpt_shape} vs model {model_shape}'
+                for key, ckpt_shape, model_shape in mismatched))
+        if missing:
+            lines.append(f'Not in the checkpoint ({len(missing)}): ' +
+                         ', '.join(missing))
+        if unexpected:
+            lines.append(f'Not in the model ({len(unexpected)}): ' +
+                         ', '.join(unexpected))
+        lines.append(
+            'Check that the config builds the model the checkpoint was '
+            'trained with. To start from part of a checkpoint on purpose, '
+            "use init_cfg=dict(type='Pretrained', checkpoint=...) or "
+            "dict(type='SafeCheckpointHook', allow_partial_load=True) in "
+            'custom_hooks.')
+        super().__init__('\n'.join(lines))
+
+
+def check_checkpoint_fits(
+    model: torch.nn.Module,
+    checkpoint: dict,
+    revise_keys: Sequence[Tuple[str, str]] = ((r'^module\.', ''), )
+) -> None:
+    """Raise unless ``checkpoint`` fills every tensor of ``model`` exactly.
+
+    Compares names and shapes the way mmengine's ``Runner.load_checkpoint``
+    will load them: the ``state_dict`` entry (or the whole dict), keys
+    revised by ``revise_keys``, into the model inside model wrappers (DDP)
+    and test-time-augmentation models. BatchNorm's
+    ``num_batches_tracked`` counters may be missing (older checkpoints).
+
+    Args:
+        model (nn.Module): The model (or a model wrapper, or a TTA model).
+        checkpoint (dict): The loaded checkpoint.
+        revise_keys (Sequence[tuple[str, str]]): ``(pattern, replacement)``
+            regular expressions applied to the checkpoint's keys. Defaults
+            to stripping DDP's ``module.`` prefix, as the runner does.
+
+    Raises:
+        CheckpointMismatchError: Naming the tensors whose shapes differ, the
+            model tensors missing from the checkpoint and the checkpoint
+            tensors the model does not have.
+    """
+    # mmengine's loader loads into what these wrap
+    while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+        model = model.module
+    state_dict = checkpoint.get('state_dict', checkpoint)
+    given = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in revise_keys:
+            key = re.sub(pattern, replacement, key)
+        given[key] = value
+    own = model.state_dict()
+    mismatched = [(key, tuple(given[key].shape), tuple(value.shape))
+                  for key, value in own.items()
+                  if key in given and torch.is_tensor(given[key])
+                  and given[key].shape != value.shape]
+    missing = [
+        key for key in own
+        if key not in given and not key.endswith('num_batches_tracked')
+    ]
+    unexpected = [key for key in given if key not in own]
+    if mismatched or missing or unexpected:
+        raise CheckpointMismatchError(mismatched, missing, unexpected)

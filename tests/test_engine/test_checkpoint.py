@@ -1,3 +1,4 @@
+import copy
 import os
 import os.path as osp
 
@@ -5,12 +6,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from mmdet.models import DetTTAModel
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner, load_checkpoint
-from toy_runner import toy_runner_cfg
+from toy_runner import ToyModel, toy_runner_cfg
 
-from sasa_mmdet.engine import (UnsafeCheckpointError, add_safe_checkpoint_hook,
-                               decode_checkpoint, encode_checkpoint)
+from sasa_mmdet.engine import (CheckpointMismatchError, SafeCheckpointHook,
+                               UnsafeCheckpointError, add_safe_checkpoint_hook,
+                               check_checkpoint_fits, decode_checkpoint,
+                               encode_checkpoint)
 
 
 class _RunsShellCommand:
@@ -130,3 +134,86 @@ def test_encode_refuses_object_arrays():
     checkpoint = dict(meta=dict(bad=np.array([object()])))
     with pytest.raises(TypeError, match='meta.bad'):
         encode_checkpoint(checkpoint)
+
+
+def _toy_checkpoint(tmp_path, **state_dict_changes):
+    """epoch_1.pth of a toy run with ``state_dict`` entries replaced (a value
+    of None removes the entry), saved as ``tmp_path/changed.pth``."""
+    _train(str(tmp_path / 'trained'), max_epochs=1)
+    checkpoint = torch.load(
+        tmp_path / 'trained' / 'epoch_1.pth', weights_only=True)
+    for key, value in state_dict_changes.items():
+        if value is None:
+            del checkpoint['state_dict'][key]
+        else:
+            checkpoint['state_dict'][key] = value
+    path = str(tmp_path / 'changed.pth')
+    torch.save(checkpoint, path)
+    return path, checkpoint
+
+
+@pytest.mark.parametrize('resume', [False, True])
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path, resume):
+    # the toy model is Linear(2, 1) (+ a BatchNorm2d(1) named norm)
+    ckpt, _ = _toy_checkpoint(
+        tmp_path,
+        **{
+            'linear.weight': torch.zeros(1, 3),
+            'linear.bias': None,
+            'head.weight': torch.zeros(2)
+        })
+    runner = Runner.from_cfg(
+        add_safe_checkpoint_hook(
+            toy_runner_cfg(
+                str(tmp_path / 'run'), load_from=ckpt, resume=resume)))
+    before = copy.deepcopy(runner.model.state_dict())
+    with pytest.raises(CheckpointMismatchError) as info:
+        runner.load_or_resume()
+    message = str(info.value)
+    assert 'linear.weight: checkpoint (1, 3) vs model (1, 2)' in message
+    assert 'Not in the checkpoint (1): linear.bias' in message
+    assert 'Not in the model (1): head.weight' in message
+    assert info.value.mismatched == [('linear.weight', (1, 3), (1, 2))]
+    # refused before anything was copied into the model
+    for key, value in runner.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_allow_partial_load_loads_what_fits(tmp_path):
+    ckpt, checkpoint = _toy_checkpoint(
+        tmp_path, **{'linear.weight': torch.zeros(1, 3)})
+    cfg = toy_runner_cfg(
+        str(tmp_path / 'run'),
+        load_from=ckpt,
+        custom_hooks=[
+            dict(type='SafeCheckpointHook', allow_partial_load=True)
+        ])
+    runner = Runner.from_cfg(add_safe_checkpoint_hook(cfg))
+    assert sum(isinstance(h, SafeCheckpointHook) for h in runner.hooks) == 1
+    weight = runner.model.linear.weight.detach().clone()
+    runner.load_or_resume()  # mmengine's partial load: what fits is copied
+    assert torch.equal(runner.model.linear.bias,
+                       checkpoint['state_dict']['linear.bias'])
+    assert torch.equal(runner.model.linear.weight, weight)
+
+
+def test_check_checkpoint_fits_like_the_runner_loads():
+    # tools/test.py --tta loads into the model inside the TTA model
+    toy = ToyModel()
+    check_checkpoint_fits(
+        DetTTAModel(module=toy), dict(state_dict=toy.state_dict()))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    # the runner strips DDP's prefix from checkpoint keys
+    state_dict = {f'module.{k}': v for k, v in model.state_dict().items()}
+    check_checkpoint_fits(model, dict(state_dict=state_dict))
+    # BatchNorm's counter may be missing (older checkpoints)
+    del state_dict['module.1.num_batches_tracked']
+    check_checkpoint_fits(model, state_dict)
+    state_dict['module.0.bias'] = torch.zeros(5)
+    with pytest.raises(CheckpointMismatchError, match=r'0\.bias'):
+        check_checkpoint_fits(model, state_dict)
+
+
+def test_safe_checkpoint_hook_bad_argument():
+    with pytest.raises(ValueError, match='allow_partial_load'):
+        SafeCheckpointHook(allow_partial_load='yes')

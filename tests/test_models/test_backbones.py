@@ -40,23 +40,35 @@ def check_norm_state(modules, train_state):
                if isinstance(mod, (_BatchNorm, nn.GroupNorm)))
 
 
-@pytest.mark.parametrize('kwargs', [
-    dict(depth=42),
-    dict(stem_type='deep'),
-    dict(stage_with_attention=(True, True, True)),
-    dict(stage_with_attention=(1, 1, 1, 1)),
-    dict(stage_with_attention='TTTT'),
-    dict(num_stages=3, stage_with_attention=(True, ) * 4),
-    dict(attention_cfg='LocalSelfAttention2d'),
-    dict(stem_cfg=dict(num_heads=2)),
-    dict(stem_type='attention', stem_cfg=[2]),
-    dict(stem_type='attention', deep_stem=True),
-    dict(
+@pytest.mark.parametrize('kwargs,name', [
+    (dict(depth=42), 'depth'),
+    (dict(stem_type='deep'), 'stem_type'),
+    (dict(stage_with_attention=(True, True, True)), 'stage_with_attention'),
+    (dict(stage_with_attention=(1, 1, 1, 1)), 'stage_with_attention'),
+    (dict(stage_with_attention='TTTT'), 'stage_with_attention'),
+    (dict(num_stages=3, stage_with_attention=(True, ) * 4),
+     'stage_with_attention'),
+    (dict(attention_cfg='LocalSelfAttention2d'), 'attention_cfg'),
+    (dict(stem_cfg=dict(num_heads=2)), 'stem_cfg'),
+    (dict(stem_type='attention', stem_cfg=[2]), 'stem_cfg'),
+    (dict(stem_type='attention', deep_stem=True), 'deep_stem'),
+    (dict(
         dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
-        stage_with_dcn=(False, True, True, True)),
+        stage_with_dcn=(False, True, True, True)), 'stage_with_dcn'),
 ])
-def test_sasa_resnet_invalid_arguments(kwargs):
-    with pytest.raises(ValueError):
+def test_sasa_resnet_invalid_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        tiny(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs,name', [
+    (dict(depht=26), 'depht'),
+    (dict(attention_cfg=dict(windw_size=3)), 'windw_size'),
+    (dict(stem_type='attention', stem_cfg=dict(num_head=2)), 'num_head'),
+])
+def test_sasa_resnet_unknown_keys_are_named(kwargs, name):
+    with pytest.raises(
+            TypeError, match=f"unexpected keyword argument '{name}'"):
         tiny(**kwargs)
 
 

@@ -65,6 +65,16 @@ def test_sasa_retina_head_invalid_attention_options():
         tiny(attention_cfg=dict(TINY_ATTN, value_init_std=-1.0))
 
 
+@pytest.mark.parametrize('kwargs,name', [
+    (dict(stacked_conv=2), 'stacked_conv'),
+    (dict(attention_cfg=dict(windw_size=3)), 'windw_size'),
+])
+def test_sasa_retina_head_unknown_keys_are_named(kwargs, name):
+    with pytest.raises(
+            TypeError, match=f"unexpected keyword argument '{name}'"):
+        tiny(**kwargs)
+
+
 def test_sasa_retina_head_layers():
     head = tiny()
     for tower in (head.cls_convs, head.reg_convs):

@@ -1,5 +1,6 @@
 """The Table 2 RetinaNets, shrunk, in loss / predict / tensor modes."""
 import copy
+import math
 import os.path as osp
 
 import pytest
@@ -99,6 +100,75 @@ def test_retinanet_variants_empty_gt(config):
     losses = model.forward(**data, mode='loss')
     assert sum(losses['loss_cls']).item() > 0
     assert sum(losses['loss_bbox']).item() == 0
+
+
+@pytest.mark.parametrize('config', TABLE2)
+def test_retinanet_variants_bf16_autocast(config, softmax_dtypes):
+    """Finite losses, gradients and outputs under CPU bfloat16 autocast
+    (what --amp selects on CPU); every attention softmax in float32. Small
+    images: P6 and P7 are 1x1 and smaller than the window."""
+    model = build(config)
+    model.bbox_head.test_cfg.score_thr = 0.0  # an untrained model scores low
+    packed = demo_mm_inputs(2, [[3, 64, 64], [3, 61, 70]], num_classes=80)
+    model.train()
+    data = model.data_preprocessor(packed, True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        losses = model.forward(**data, mode='loss')
+    loss, log_vars = model.parse_losses(losses)
+    assert torch.isfinite(loss) and log_vars['loss_cls'] > 0
+    assert all(math.isfinite(value) for value in log_vars.values())
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
+
+    model.eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(packed, False)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            cls_scores, bbox_preds = model.forward(**data, mode='tensor')
+        # mmcv's CPU NMS only takes float32 boxes (a predict pass wholly
+        # under autocast fails there, whatever the model): the boxes of the
+        # bfloat16 network outputs are decoded and filtered in float32.
+        results = model.bbox_head.predict_by_feat(
+            [t.float() for t in cls_scores], [t.float() for t in bbox_preds],
+            batch_img_metas=[s.metainfo for s in data['data_samples']],
+            rescale=True)
+    # autocast was on: the network computed in bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in cls_scores + bbox_preds)
+    assert all(torch.isfinite(t).all() for t in cls_scores + bbox_preds)
+    assert len(results) == 2
+    for result in results:
+        assert len(result.scores) > 0
+        assert torch.isfinite(result.bboxes).all()
+        assert torch.isfinite(result.scores).all()
+
+    assert (len(softmax_dtypes) > 0) == ('sasa' in config)
+    assert all(dtype == torch.float32 for _, dtype in softmax_dtypes)
+
+
+@pytest.mark.parametrize('part,changes,error,message', [
+    ('backbone', dict(depth=42), ValueError, 'depth must be one of'),
+    ('backbone', dict(stage_with_attention=(True, True, True)), ValueError,
+     'stage_with_attention must be a tuple of num_stages=4'),
+    ('backbone', dict(attention_cfg=dict(window_size=3, num_heads=3)),
+     ValueError, 'num_heads must be a positive int dividing out_channels'),
+    ('neck', dict(attention_cfg=dict(num_heads=3)), ValueError,
+     'num_heads must be a positive int dividing out_channels=16'),
+    ('bbox_head', dict(attention_cfg=dict(num_heads=5)), ValueError,
+     'num_heads must be a positive int dividing out_channels=16'),
+    ('backbone', dict(attention_cfg=dict(windw_size=3)), TypeError,
+     "unexpected keyword argument 'windw_size'"),
+    ('neck', dict(num_out=5), TypeError,
+     "unexpected keyword argument 'num_out'"),
+])
+def test_bad_configs_name_what_is_wrong(part, changes, error, message):
+    """Building a Table 2 config (tiny) with a mistake in one part stops
+    with an error that names the argument and the value."""
+    init_default_scope('mmdet')
+    cfg = tiny_model_cfg('retinanet_sasa_r50_sasa-fpn_sasa-head.py')
+    cfg[part].update(changes)
+    with pytest.raises(error, match=message):
+        MODELS.build(cfg)
 
 
 def test_retinanet_attention_head_init_through_detector():

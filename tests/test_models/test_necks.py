@@ -50,6 +50,16 @@ def test_sasa_fpn_invalid_attention_options():
         tiny(attention_cfg=dict(logits='qk'))
 
 
+@pytest.mark.parametrize('kwargs,name', [
+    (dict(num_out=5), 'num_out'),
+    (dict(attention_cfg=dict(windw_size=3)), 'windw_size'),
+])
+def test_sasa_fpn_unknown_keys_are_named(kwargs, name):
+    with pytest.raises(
+            TypeError, match=f"unexpected keyword argument '{name}'"):
+        tiny(**kwargs)
+
+
 def test_sasa_fpn_layers():
     neck = tiny()
     assert neck.add_extra_convs == 'on_output'

@@ -2,12 +2,14 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from ..checkpoint import decode_checkpoint, encode_checkpoint
+from ..checkpoint import (check_checkpoint_fits, decode_checkpoint,
+                          encode_checkpoint)
 
 
 @HOOKS.register_module()
 class SafeCheckpointHook(Hook):
-    """Write checkpoints that load with ``torch.load(weights_only=True)``.
+    """Write checkpoints that load with ``torch.load(weights_only=True)``,
+    and refuse checkpoints that do not fit the model.
 
     mmengine stores numpy arrays, numpy scalars and
     :class:`~mmengine.logging.HistoryBuffer` objects in a checkpoint's
@@ -19,8 +21,22 @@ class SafeCheckpointHook(Hook):
     (``VERY_LOW``) so that values other hooks add before saving are
     rewritten too.
 
+    Every load through the runner (``load_from``, ``resume``,
+    ``tools/test.py CKPT``) is checked before any tensor is copied: a
+    checkpoint whose tensor names or shapes differ from the model's raises a
+    :class:`~sasa_mmdet.engine.CheckpointMismatchError` naming them, where
+    mmengine would load what fits and log a warning.
+    ``init_cfg=dict(type='Pretrained', ...)`` does not go through the runner
+    and keeps its partial loading (the convolution-to-attention
+    initialisation, which :class:`~sasa_mmdet.models.SASAResNet` reports).
+
     ``tools/train.py`` and ``tools/test.py`` add it to every config through
     :func:`add_safe_checkpoint_hook`.
+
+    Args:
+        allow_partial_load (bool): Skip the check and let mmengine load the
+            tensors that fit (e.g. to fine-tune a detector trained with
+            other classes). Defaults to False.
 
     Examples:
         >>> custom_hooks = [dict(type='SafeCheckpointHook')]
@@ -28,11 +44,20 @@ class SafeCheckpointHook(Hook):
 
     priority = 'VERY_LOW'
 
+    def __init__(self, allow_partial_load: bool = False) -> None:
+        if not isinstance(allow_partial_load, bool):
+            raise ValueError('allow_partial_load must be a bool, got '
+                             f'{allow_partial_load!r}')
+        self.allow_partial_load = allow_partial_load
+
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         encode_checkpoint(checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        # The runner calls this before it copies the weights into the model.
         decode_checkpoint(checkpoint)
+        if not self.allow_partial_load:
+            check_checkpoint_fits(runner.model, checkpoint)
 
 
 def add_safe_checkpoint_hook(cfg: Config) -> Config:
