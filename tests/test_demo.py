@@ -18,6 +18,8 @@ from sasa_mmdet.layers import LocalSelfAttention2d
 CONFIG_DIR = osp.join(osp.dirname(osp.dirname(__file__)), 'configs', 'demo')
 ATTENTION = osp.join(CONFIG_DIR, 'retinanet_sasa-tiny_shapes.py')
 CONV = osp.join(CONFIG_DIR, 'retinanet_r-tiny_shapes.py')
+ATTENTION_ALL = osp.join(CONFIG_DIR,
+                         'retinanet_sasa-tiny_shapes_sasa-fpn_sasa-head.py')
 
 
 @pytest.fixture(scope='module')
@@ -34,39 +36,48 @@ def _load(path, data_root, monkeypatch):
 
 
 def test_data_root_follows_the_environment(tiny_shapes, monkeypatch):
-    for path in (ATTENTION, CONV):
+    for path in (ATTENTION, CONV, ATTENTION_ALL):
         cfg = _load(path, tiny_shapes, monkeypatch)
         assert cfg.train_dataloader.dataset.data_root == tiny_shapes + '/'
         assert cfg.val_evaluator.ann_file == osp.join(
             tiny_shapes, 'annotations', 'val.json')
         assert cfg.custom_imports.imports == ['sasa_mmdet']
-        # weights-only checkpoints also through mmdet's own tools/train.py
+        # weights-only checkpoints and exact resume also through mmdet's own
+        # tools/train.py
         assert dict(type='SafeCheckpointHook') in cfg.custom_hooks
+        assert dict(type='EpochSeedHook') in cfg.custom_hooks
 
 
-def test_twins_differ_only_in_the_module_types(tiny_shapes, monkeypatch):
-    attn = _load(ATTENTION, tiny_shapes, monkeypatch)
+@pytest.mark.parametrize(
+    'path,types',
+    [(ATTENTION, ('SASAResNet', 'FPN', 'RetinaHead')),
+     (ATTENTION_ALL, ('SASAResNet', 'SASAFPN', 'SASARetinaHead'))],
+    ids=['attention-backbone', 'attention-all'])
+def test_twins_differ_only_in_the_module_types(path, types, tiny_shapes,
+                                               monkeypatch):
+    attn = _load(path, tiny_shapes, monkeypatch)
     conv = _load(CONV, tiny_shapes, monkeypatch)
     assert (attn.model.backbone.type, attn.model.neck.type,
-            attn.model.bbox_head.type) == ('SASAResNet', 'SASAFPN',
-                                           'SASARetinaHead')
+            attn.model.bbox_head.type) == types
     assert (conv.model.backbone.type, conv.model.neck.type,
             conv.model.bbox_head.type) == ('ResNet', 'FPN', 'RetinaHead')
     for part, keys in [('backbone', ('depth', 'base_channels')),
                        ('neck', ('in_channels', 'out_channels',
                                  'add_extra_convs', 'num_outs')),
                        ('bbox_head', ('num_classes', 'stacked_convs',
-                                      'feat_channels'))]:
+                                      'feat_channels', 'norm_cfg',
+                                      'anchor_generator'))]:
         for key in keys:
             assert attn.model[part][key] == conv.model[part][key], (part, key)
     for key in ('train_cfg', 'optim_wrapper', 'param_scheduler',
-                'train_dataloader', 'test_cfg'):
+                'train_dataloader', 'val_dataloader', 'test_cfg'):
         assert attn[key] == conv[key], key
 
 
 @pytest.mark.parametrize(
-    'path,expect_attention', [(ATTENTION, True), (CONV, False)],
-    ids=['attention', 'conv'])
+    'path,expect_attention', [(ATTENTION, True), (CONV, False),
+                              (ATTENTION_ALL, True)],
+    ids=['attention', 'conv', 'attention-all'])
 def test_demo_config_trains_and_evaluates(path, expect_attention, tiny_shapes,
                                           tmp_path, monkeypatch):
     cfg = _load(path, tiny_shapes, monkeypatch)

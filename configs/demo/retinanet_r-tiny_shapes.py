@@ -1,10 +1,10 @@
 # Convolutional twin of the bundled demo (retinanet_sasa-tiny_shapes.py):
 # mmdet's RetinaNet with a ResNet-18 at a quarter width (16 base channels),
-# FPN and heads of 32 channels, trained from scratch with AdamW on the
-# synthetic shapes dataset (3 classes, 160x160 images, written by
-# tools/misc/make_demo_dataset.py). Every size here is shared with the
-# attention demo, which inherits this file and only swaps in the attention
-# modules. The dataset folder is data/sasa_demo unless the
+# FPN and heads of 32 channels (GroupNorm in the head towers), trained from
+# scratch with AdamW on the synthetic shapes dataset (3 classes, 160x160
+# images, written by tools/misc/make_demo_dataset.py). Every size here is
+# shared with the attention demo, which inherits this file and only swaps in
+# the attention modules. The dataset folder is data/sasa_demo unless the
 # SASA_DEMO_DATA_ROOT environment variable names another one.
 _base_ = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'
 
@@ -12,7 +12,7 @@ custom_imports = dict(imports=['sasa_mmdet'], allow_failed_imports=False)
 
 data_root = '{{$SASA_DEMO_DATA_ROOT:data/sasa_demo}}/'
 img_scale = (160, 160)
-max_epochs = 12
+max_epochs = 36
 
 model = dict(
     backbone=dict(
@@ -30,6 +30,10 @@ model = dict(
         in_channels=32,
         stacked_convs=2,
         feat_channels=32,
+        # From scratch, the head towers need a normalisation (as in He et
+        # al., "Rethinking ImageNet Pre-training"): 0.41 -> 0.61 mAP here
+        # after 24 epochs.
+        norm_cfg=dict(type='GN', num_groups=8, requires_grad=True),
         # objects span 16 to 72 pixels: anchors of 16 to 25 pixels on P3
         # (mmdet's octave_base_scale=4 starts at 32, and the smallest shapes
         # would match no anchor)
@@ -55,10 +59,8 @@ test_pipeline = [
         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
                    'scale_factor'))
 ]
-# small batches: 200 steps an epoch, which a from-scratch model needs more
-# than large ones (batch 8: 0.18 mAP after 12 epochs)
 train_dataloader = dict(
-    batch_size=2,
+    batch_size=8,
     num_workers=1,
     dataset=dict(
         type=dataset_type,
@@ -84,11 +86,11 @@ train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=4e-3, weight_decay=0.05),
     clip_grad=dict(max_norm=10, norm_type=2))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0,
-         end=200),
+         end=100),
     dict(
         type='CosineAnnealingLR',
         eta_min=1e-5,
@@ -97,13 +99,13 @@ param_scheduler = [
         by_epoch=True,
         convert_to_iter_based=True)
 ]
-auto_scale_lr = dict(enable=False, base_batch_size=2)
+auto_scale_lr = dict(enable=False, base_batch_size=8)
 
 default_hooks = dict(
-    logger=dict(interval=50),
+    logger=dict(interval=25),
     checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
-log_processor = dict(window_size=50)
-# checkpoints that load with torch.load(weights_only=True), also when
-# training through mmdet's own tools/train.py (ours adds this hook itself)
-custom_hooks = [dict(type='SafeCheckpointHook')]
+log_processor = dict(window_size=25)
+# checkpoints that load with torch.load(weights_only=True) and exact resume,
+# also when training through mmdet's own tools/train.py (ours adds both)
+custom_hooks = [dict(type='SafeCheckpointHook'), dict(type='EpochSeedHook')]
 randomness = dict(seed=0)

@@ -2,8 +2,11 @@
 
 It exists so that the training and test tools, the configs and the tests can
 run end to end offline and in seconds, without COCO. Images show filled
-rectangles, ellipses and triangles of varied size, aspect, rotation and
-colour on smooth, noisy backgrounds; some images hold no object. Annotations
+axis-aligned rectangles and ellipses and freely drawn triangles of varied
+size, aspect and colour on smooth, striped, noisy backgrounds; some images
+hold no object. (Rotated rectangles and ellipses, version 1, are much slower
+to learn: a small convolutional RetinaNet reached 0.29 mAP instead of 0.41
+after the same 24 epochs.) Annotations
 are written in COCO format, so mmdet's :class:`~mmdet.datasets.CocoDataset`
 and :class:`~mmdet.evaluation.CocoMetric` (pycocotools) read them unchanged.
 
@@ -32,7 +35,7 @@ from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
 
 #: Bump when the drawing changes, so old folders are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SHAPE_CLASSES = ('rectangle', 'ellipse', 'triangle')
 SHAPE_PALETTE = [(220, 20, 60), (0, 128, 255), (50, 205, 50)]
@@ -96,12 +99,11 @@ def _shape_polygon(rng: np.random.Generator, label: int, size: int,
     extent = rng.uniform(min_frac, max_frac) * size
     aspect = rng.uniform(0.5, 2.0)
     w, h = extent * min(1.0, aspect), extent * min(1.0, 1 / aspect)
-    angle = rng.uniform(0, 180)
-    if label == 0:  # rectangle (squares included), rotated
-        pts = cv2.boxPoints(((0.0, 0.0), (w, h), angle))
-    elif label == 1:  # ellipse (circles included), rotated
+    if label == 0:  # rectangle (squares included), axis-aligned
+        pts = cv2.boxPoints(((0.0, 0.0), (w, h), 0.0))
+    elif label == 1:  # ellipse (circles included), axis-aligned
         pts = cv2.ellipse2Poly((0, 0), (int(round(w / 2)), int(round(h / 2))),
-                               int(angle), 0, 360, 10).astype(np.float32)
+                               0, 0, 360, 10).astype(np.float32)
     else:  # triangle: three points on a circle, far enough apart
         base = rng.uniform(0, 2 * np.pi)
         offsets = np.array([0.0, rng.uniform(1.6, 2.6), 0.0])
