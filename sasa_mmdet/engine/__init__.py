@@ -14,7 +14,7 @@ from .fileio import (AtomicLocalBackend, register_atomic_local_backend,
                      write_atomically)
 from .hooks import (EpochSeedHook, SafeCheckpointHook, add_epoch_seed_hook,
                     add_safe_checkpoint_hook)
-from .optimizers import BF16AmpOptimWrapper, enable_amp
+from .optimizers import BF16AmpOptimWrapper, bf16_autocast, enable_amp
 
 register_weights_only_loader()
 register_atomic_local_backend()
@@ -22,7 +22,8 @@ register_atomic_local_backend()
 __all__ = [
     'AtomicLocalBackend', 'BF16AmpOptimWrapper', 'CheckpointMismatchError',
     'EpochSeedHook', 'SafeCheckpointHook', 'UnsafeCheckpointError',
-    'add_epoch_seed_hook', 'add_safe_checkpoint_hook', 'check_checkpoint_fits',
+    'add_epoch_seed_hook', 'add_safe_checkpoint_hook', 'bf16_autocast',
+    'check_checkpoint_fits',
     'decode_checkpoint', 'enable_amp', 'encode_checkpoint',
     'finish_cpu_distributed', 'init_cpu_dist', 'load_from_local',
     'load_weights_only', 'register_atomic_local_backend',

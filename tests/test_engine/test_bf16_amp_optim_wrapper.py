@@ -76,3 +76,29 @@ def test_unknown_device_type_is_rejected():
         BF16AmpOptimWrapper(
             device_type='not_a_device',
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize('size,stride,kernel', [((1, 1), 2, 3), ((2, 1), 2, 3),
+                                                ((1, 1), 3, 5), ((2, 2), 3, 3)])
+def test_convolutions_of_maps_narrower_than_their_stride_get_right_gradients(
+        size, stride, kernel):
+    """RetinaNet's P7 convolution on a 1x1 P6 (small images): torch 2.13's
+    oneDNN bfloat16 convolution gave NaN or garbage gradients in about one
+    call of three; the wrapper runs such convolutions in float32."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, kernel, stride=stride, padding=kernel // 2)
+    optim_wrapper = BF16AmpOptimWrapper(
+        optimizer=torch.optim.SGD(conv.parameters(), lr=0.1))
+    weight = conv.weight.detach().double().requires_grad_()
+    for _ in range(20):
+        x = torch.randn(2, 16, *size)
+        conv.zero_grad()
+        with optim_wrapper.optim_context(conv):
+            out = conv(x)
+        out.float().sum().backward()
+        expected, = torch.autograd.grad(
+            nn.functional.conv2d(x.double(), weight, None, stride, kernel // 2).sum(), weight)
+        torch.testing.assert_close(conv.weight.grad.double(), expected, atol=1e-4, rtol=1e-4)
+    # wider maps keep running in bfloat16
+    with optim_wrapper.optim_context(conv):
+        assert conv(torch.randn(1, 16, 8, 8)).dtype == torch.bfloat16
