@@ -9,20 +9,26 @@ so that every freed tensor leaves the resident set: it then counts the
 memory the pass holds at its peak. (With glibc's default sliding
 threshold, freed blocks of up to 32 MiB stay resident in the heap, and how
 many happen to be reused depends on the order of allocations: that figure
-swung from 0 to 25 MB for the same convolution.) Ratios compare cases
-measured in the same invocation.
+swung from 0 to 25 MB for the same convolution.) "Peak MB" is the whole
+process's peak resident memory during that pass (torch, the model and its
+inputs included). Ratios compare cases measured in the same invocation.
 
 Layer cases: forward + backward of one layer, batch 1, 3x3 convolution
 versus attention (window 7, 8 heads) with each implementation ('cpp',
 'torch'; 'cpp-recompute': the kernel with ``recompute_attention=True``).
 Model cases (``--models``): one training step (loss, backward, SGD step) and
-one inference pass of each Table 2 config at ``--image-size``.
+one inference pass of each Table 2 config at ``--image-size``, against the
+convolutional baseline; ``--levers`` adds the attention models with each
+memory lever (``with_cp`` or ``recompute_attention`` in every attention
+layer).
 
 Examples::
 
     python tools/benchmark.py                       # the issue's layer shapes
     python tools/benchmark.py --preset resnet50-640 --preset fpn-head-640
     python tools/benchmark.py --models --image-size 640 --repeats 2
+    python tools/benchmark.py --no-layers --models --levers  # + memory levers
+    python tools/benchmark.py --shapes 64,56,56 128,28,28  # shapes of your own
     python tools/benchmark.py --out work_dirs/benchmark  # JSON + PNG there
 """
 import argparse
@@ -57,6 +63,20 @@ TABLE2 = [
 ]
 
 
+def _every_attention_layer(**options) -> dict:
+    """Config options that set ``options`` in every attention layer of a
+    Table 2 model (backbone stages, attention stem, FPN, heads)."""
+    return {f'model.{part}.{key}': value for key, value in options.items()
+            for part in ('backbone.attention_cfg', 'backbone.stem_cfg.attention_cfg',
+                         'neck.attention_cfg', 'bbox_head.attention_cfg')}
+
+
+LEVERS = [
+    (f'{name}, {lever}', config, _every_attention_layer(**{lever: True}))
+    for name, config in TABLE2[3:] for lever in ('with_cp', 'recompute_attention')
+]
+
+
 def _rss_mb() -> float:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
@@ -74,7 +94,8 @@ def _measure(step, repeats: int, memory: bool) -> dict:
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')  # restart the peak (VmHWM) from the current RSS
         step()
-        return dict(extra_mb=max(_peak_rss_mb() - base, 0.0))
+        peak = _peak_rss_mb()
+        return dict(extra_mb=max(peak - base, 0.0), peak_mb=peak)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -115,6 +136,16 @@ def _run_model_case(case: dict) -> dict:
     import sasa_mmdet  # noqa: F401
     register_all_modules()
     cfg = Config.fromfile(osp.join(ROOT, case['config']))
+    for key, value in (case.get('cfg_options') or {}).items():
+        *path, name = key.split('.')
+        if '.stem_cfg.' in key and cfg.model.backbone.get('stem_type') != 'attention':
+            continue
+        node = cfg
+        for part in path:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[name] = value
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
     model.init_weights()
@@ -158,23 +189,48 @@ def _run_child(case: dict) -> dict:
 
 
 def _plot(rows, path):
+    """Time, extra-memory and (models) peak-memory ratios to the
+    convolution, one horizontal bar per case, grouped by shape (layers) or
+    Table 2 config (models), one colour per implementation."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    labels = [r['label'] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 0.9), 4.5))
-    for ax, key, title in ((axes[0], 'time_ratio', 'time / convolution'),
-                           (axes[1], 'memory_ratio', 'extra memory / convolution')):
-        values = [r[key] for r in rows]
-        ax.bar(range(len(rows)), values, color=['tab:blue' if v <= 1 else 'tab:orange'
-                                                  for v in values])
-        ax.axhline(1.0, color='k', lw=0.8)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=60, ha='right', fontsize=7)
+    from matplotlib.ticker import ScalarFormatter
+    panels = [('time_ratio', 'time / convolution'),
+              ('memory_ratio', 'extra memory / convolution')]
+    if any('peak_ratio' in r for r in rows):
+        panels.append(('peak_ratio', 'peak memory / conv baseline'))
+    series = list(dict.fromkeys(r.get('impl', 'model') for r in rows))
+    groups = list(dict.fromkeys(_group(r) for r in rows))
+    bar = 0.8 / len(series)
+    fig, axes = plt.subplots(1, len(panels), sharey=True,
+                             figsize=(6 * len(panels), 1.5 + 0.22 * len(groups) * len(series)))
+    for ax, (key, title) in zip(axes, panels):
+        for i, name in enumerate(series):
+            mine = [r for r in rows if r.get('impl', 'model') == name and key in r]
+            ax.barh([groups.index(_group(r)) + (i - (len(series) - 1) / 2) * bar
+                     for r in mine], [r[key] for r in mine], height=bar, label=name)
+        ax.axvline(1.0, color='k', lw=0.8)
+        ax.set_xscale('log')
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis='x', which='minor', labelsize=7)
         ax.set_title(title)
-        ax.set_yscale('log')
+        ax.grid(axis='x', which='both', alpha=0.3)
+    axes[0].set_yticks(range(len(groups)))
+    axes[0].set_yticklabels(groups, fontsize=8)
+    axes[0].invert_yaxis()
+    if len(series) > 1:
+        axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _group(row) -> str:
+    if row['kind'] == 'layer':
+        return 'C={}, {}x{}'.format(*row['shape'])
+    return row['label']
 
 
 def main():
@@ -184,7 +240,15 @@ def main():
     parser.add_argument('--impls', nargs='+', default=['cpp', 'cpp-recompute', 'torch'],
                         help="attention implementations to time; '-recompute' appended "
                         'means recompute_attention=True')
+    parser.add_argument('--shapes', nargs='+', metavar='C,H,W',
+                        help='layer shapes of your own (instead of the presets)')
     parser.add_argument('--models', action='store_true', help='also time the Table 2 models')
+    parser.add_argument('--configs', nargs='+', metavar='CONFIG',
+                        help='the Table 2 configs to time (default: all; the '
+                        'convolutional baseline always runs, as the reference)')
+    parser.add_argument('--levers', action='store_true',
+                        help='also time the attention models with each memory lever '
+                        '(implies --models)')
     parser.add_argument('--no-layers', action='store_true', help='skip the layer cases')
     parser.add_argument('--image-size', type=int, default=640)
     parser.add_argument('--repeats', type=int, default=3)
@@ -204,9 +268,30 @@ def main():
         print(json.dumps(run(case)))
         return
 
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.split(',')) for s in args.shapes]
+            if any(len(s) != 3 or min(s) <= 0 for s in shapes):
+                raise ValueError
+        except ValueError:
+            parser.error(f'--shapes takes C,H,W triples of positive ints, got {args.shapes}')
+        if args.preset:
+            parser.error('--shapes and --preset exclude each other')
+    else:
+        shapes = [s for p in (args.preset or ['issue']) for s in PRESETS[p]]
+    known = [config for _, config in TABLE2]
+    unknown = [c for c in args.configs or [] if c not in known]
+    if unknown:
+        parser.error(f'--configs: {unknown} not among the Table 2 configs {known}')
+    models = [(name, config, {}) for name, config in TABLE2
+              if config == known[0] or not args.configs or config in args.configs]
+    if args.levers:
+        args.models = True
+        models += [lever for lever in LEVERS if not args.configs or lever[1] in args.configs]
+
     rows = []
     if not args.no_layers:
-        for shape in dict.fromkeys(s for p in (args.preset or ['issue']) for s in PRESETS[p]):
+        for shape in dict.fromkeys(shapes):
             base = _run_child(dict(kind='layer', op='conv3x3', shape=shape,
                                    repeats=args.repeats, threads=args.threads))
             for impl in args.impls:
@@ -218,26 +303,33 @@ def main():
     if args.models:
         for mode in ('train', 'infer'):
             base = None
-            for name, config in TABLE2:
+            for name, config, options in models:
+                if options and mode == 'infer':
+                    continue  # the levers act on training only
                 result = _run_child(dict(kind='model', config=config, mode=mode,
-                                         image_size=args.image_size, repeats=args.repeats,
-                                         threads=args.threads))
+                                         cfg_options=options, image_size=args.image_size,
+                                         repeats=args.repeats, threads=args.threads))
                 base = base or result
                 rows.append(dict(kind='model', label=f'{mode} {name}', config=config, mode=mode,
-                                 conv_time_s=base['time_s'], conv_extra_mb=base['extra_mb'],
-                                 **result))
+                                 cfg_options=options, conv_time_s=base['time_s'],
+                                 conv_extra_mb=base['extra_mb'],
+                                 conv_peak_mb=base['peak_mb'], **result))
     for r in rows:
         r['time_ratio'] = r['time_s'] / r['conv_time_s']
         r['memory_ratio'] = r['extra_mb'] / max(r['conv_extra_mb'], 1.0)
+        if r['kind'] == 'model':
+            r['peak_ratio'] = r['peak_mb'] / r['conv_peak_mb']
 
-    header = f"{'case':<44} {'time s':>8} {'conv s':>8} {'x time':>7} " \
-             f"{'extra MB':>9} {'conv MB':>8} {'x mem':>6}"
+    header = f"{'case':<52} {'time s':>8} {'conv s':>8} {'x time':>7} " \
+             f"{'extra MB':>9} {'conv MB':>8} {'x mem':>6} {'peak MB':>8} {'x peak':>7}"
     print(header)
     print('-' * len(header))
     for r in rows:
-        print(f"{r['label']:<44} {r['time_s']:>8.3f} {r['conv_time_s']:>8.3f} "
+        peak = (f" {r['peak_mb']:>8.0f} {r['peak_ratio']:>7.2f}"
+                if r['kind'] == 'model' else '')
+        print(f"{r['label']:<52} {r['time_s']:>8.3f} {r['conv_time_s']:>8.3f} "
               f"{r['time_ratio']:>7.2f} {r['extra_mb']:>9.0f} {r['conv_extra_mb']:>8.0f} "
-              f"{r['memory_ratio']:>6.2f}")
+              f"{r['memory_ratio']:>6.2f}{peak}")
     os.makedirs(args.out, exist_ok=True)
     import torch
     meta = dict(torch=torch.__version__, threads=args.threads or torch.get_num_threads(),

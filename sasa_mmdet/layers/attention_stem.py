@@ -67,35 +67,48 @@ class SpatiallyAwareAttention2d(LocalSelfAttention2d):
             nn.init.normal_(self.mixture_col)
             nn.init.normal_(self.mixture_query, std=self.out_channels**-0.5)
 
-    def mixture_weights(self, height: int, width: int) -> Tensor:
-        """``p(a, b, m)`` for every pixel: ``(m, height, width)``, sums to 1 over m.
+    def tile_mixture_weights(self) -> Tensor:
+        """``p(a, b, m)`` for one ``period x period`` tile: ``(m, P, P)``,
+        sums to 1 over m.
 
-        Computed for one ``period x period`` tile, then repeated. Logits and
-        softmax stay in (at least) float32 under autocast too: elementwise
-        products and sums, which autocast leaves alone (an einsum would run
-        in bfloat16 on CPU).
+        Logits and softmax stay in (at least) float32 under autocast too:
+        elementwise products and sums, which autocast leaves alone (an einsum
+        would run in bfloat16 on CPU).
         """
-        period = self.mixture_period
         emb = self.mixture_row[:, None, :] + self.mixture_col[None, :, :]  # (P, P, C)
         logits = (emb[None] * self.mixture_query[:, None, None, :]).sum(-1)  # (m, P, P)
-        mix = logits.softmax(dim=0, dtype=torch.promote_types(logits.dtype, torch.float32))
-        rows = torch.arange(height, device=mix.device) % period
-        cols = torch.arange(width, device=mix.device) % period
-        return mix[:, rows][:, :, cols]  # (m, H, W)
+        return logits.softmax(dim=0, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+    def mixture_weights(self, height: int, width: int) -> Tensor:
+        """``p(a, b, m)`` for every pixel: ``(m, height, width)``, sums to 1 over m."""
+        mix = self.tile_mixture_weights()
+        rows = torch.arange(height, device=mix.device) % self.mixture_period
+        cols = torch.arange(width, device=mix.device) % self.mixture_period
+        return mix[:, rows][:, :, cols]
 
     def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        batch, _, height, width = x.shape
-        heads, dim = self.num_heads, self.head_channels
-        qkv = F.conv2d(x, self.qkv_weight[:, :, None, None])
-        query, key, values = qkv.split(
-            [self.out_channels, self.out_channels, self.num_value_mixtures * self.out_channels],
-            dim=1)
-        values = values.view(batch, self.num_value_mixtures, self.out_channels, height, width)
-        mix = self.mixture_weights(height, width).to(values.dtype)  # (m, H, W)
-        value = (values * mix[None, :, None]).sum(dim=1)  # (B, C, H, W)
-        return (query.reshape(batch, heads, dim, height, width),
-                key.reshape(batch, heads, dim, height, width),
-                value.view(batch, heads, dim, height, width))
+        batch, in_channels, height, width = x.shape
+        heads, dim, channels = self.num_heads, self.head_channels, self.out_channels
+        weight_qk, weight_v = self.qkv_weight.split(
+            [2 * channels, self.num_value_mixtures * channels])
+        qk = torch.bmm(weight_qk.expand(batch, -1, -1), x.flatten(2))  # (B, 2C, H * W)
+        query, key = qk.view(batch, 2, heads, dim, height, width).unbind(1)
+
+        # v_ab = (sum_m p(a, b, m) W_V^m) x_ab: the mixture depends only on
+        # the pixel's place in the period x period tile, so mix the m
+        # matrices once per place (P*P matrices of C x C_in) and project
+        # each pixel with its place's matrix, instead of projecting every
+        # pixel m times and mixing m full-resolution maps.
+        period = self.mixture_period
+        mix = self.tile_mixture_weights()  # (m, P, P)
+        weight_v = weight_v.view(self.num_value_mixtures, channels, in_channels)
+        tile_weights = torch.einsum('mpq,mci->pqci', mix.to(weight_v.dtype), weight_v)
+        x = F.pad(x, (0, -width % period, 0, -height % period))
+        tiles = x.view(batch, in_channels, x.shape[2] // period, period,
+                       x.shape[3] // period, period)
+        value = torch.einsum('bihpwq,pqci->bchpwq', tiles, tile_weights.to(tiles.dtype))
+        value = value.reshape(batch, channels, x.shape[2], x.shape[3])[..., :height, :width]
+        return query, key, value.view(batch, heads, dim, height, width)
 
     def multiply_adds(self, input_shape) -> int:
         batch, _, height, width = input_shape

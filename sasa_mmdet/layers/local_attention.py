@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import Tensor
 from torch.nn.modules.utils import _pair
+from torch.utils.checkpoint import checkpoint
 
 from .local_attention_ops import local_attention, local_attention_reference, split_projections
 
@@ -120,6 +121,12 @@ class LocalSelfAttention2d(nn.Module):
             of forward + backward -20% at 256 channels, -55% at 64). The
             'torch' path recomputes its whole forward (activation
             checkpointing); 'reference' ignores the option. Default: False.
+        with_cp (bool): Activation checkpointing of the whole layer (mmdet's
+            name for it): keep only the input for the backward pass and
+            recompute the projections and the attention there. Saves the
+            projections as well as the map (``3 * out_channels + num_heads
+            * k*k`` numbers per pixel), for one more forward pass of the
+            layer. Default: False.
 
     Example:
         >>> layer = LocalSelfAttention2d(16, 32, 3, stride=2, padding=1,
@@ -147,7 +154,8 @@ class LocalSelfAttention2d(nn.Module):
                  logits: str = 'qk+qr',
                  value_init_std: Optional[float] = None,
                  impl: str = 'auto',
-                 recompute_attention: bool = False) -> None:
+                 recompute_attention: bool = False,
+                 with_cp: bool = False) -> None:
         super().__init__()
         for name, value in (('in_channels', in_channels), ('out_channels', out_channels)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -166,9 +174,12 @@ class LocalSelfAttention2d(nn.Module):
         self.impl = impl
         if impl not in IMPLS:
             raise ValueError(f'impl must be one of {tuple(IMPLS)}, got {impl!r}')
-        if not isinstance(recompute_attention, bool):
-            raise ValueError(f'recompute_attention must be a bool, got {recompute_attention!r}')
+        for name, value in (('recompute_attention', recompute_attention),
+                            ('with_cp', with_cp)):
+            if not isinstance(value, bool):
+                raise ValueError(f'{name} must be a bool, got {value!r}')
         self.recompute_attention = recompute_attention
+        self.with_cp = with_cp
 
         if self.pointwise:
             # The paper keeps 1x1 convolutions: hold Conv2d's parameters.
@@ -297,16 +308,27 @@ class LocalSelfAttention2d(nn.Module):
                              f'got {tuple(x.shape)}')
         if self.pointwise:
             return F.conv2d(x, self.weight, self.bias, self.stride)
-        query, key, value = self.project(x)
-        out = self.attend(query, key, value)
-        out = out.flatten(1, 2)  # (B, C_out, H, W)
-        if self.stride != (1, 1):
-            out = F.avg_pool2d(out, self.stride, self.stride, ceil_mode=True)
+        if self.with_cp and torch.is_grad_enabled():
+            out = checkpoint(self._project_and_attend, x, True, use_reentrant=False)
+        else:
+            out = self._project_and_attend(x, False)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
         return out
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    def _project_and_attend(self, x: Tensor, checkpointed: bool) -> Tensor:
+        query, key, value = self.project(x)
+        # Inside a checkpoint the map lives only while this layer's backward
+        # runs: keep it rather than compute it a third time.
+        out = self.attend(query, key, value,
+                          recompute_attention=self.recompute_attention and not checkpointed)
+        out = out.flatten(1, 2)  # (B, C_out, H, W)
+        if self.stride != (1, 1):
+            out = F.avg_pool2d(out, self.stride, self.stride, ceil_mode=True)
+        return out
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor,
+               recompute_attention: Optional[bool] = None) -> Tensor:
         """Per-head softmax over the window; ``(B, N, D, H, W)`` in and out."""
         rel_row = rel_col = None
         if self.position_encoding == 'relative':
@@ -325,7 +347,9 @@ class LocalSelfAttention2d(nn.Module):
                                              self.dilation, rel_row, rel_col)
         return local_attention(query, key, value, self.window_size, self.dilation,
                                rel_row, rel_col, impl=self.impl,
-                               recompute_attention=self.recompute_attention)
+                               recompute_attention=(self.recompute_attention
+                                                    if recompute_attention is None
+                                                    else recompute_attention))
 
     def multiply_adds(self, input_shape) -> int:
         """Multiply-adds of one forward pass for an input ``(N, C, H, W)``.
@@ -358,4 +382,6 @@ class LocalSelfAttention2d(nn.Module):
                   f'logits={self.logits!r}')
             if self.recompute_attention:
                 s += ', recompute_attention=True'
+            if self.with_cp:
+                s += ', with_cp=True'
         return s + f', bias={self.bias is not None}'

@@ -30,14 +30,17 @@ def test_mixture_weights_are_pooling_window_aligned_convex_mixes():
     assert not torch.allclose(mix[:, 0, 0], mix[:, 1, 2])
 
 
-def test_values_are_the_mixed_value_matrices():
+@pytest.mark.parametrize('height,width', [(5, 6), (8, 8), (1, 3), (9, 4)])
+def test_values_are_the_mixed_value_matrices(height, width):
+    """Mixed once per place in the tile, the values equal the formula's
+    per-pixel mix of the m projections, also where the tile is cut off."""
     layer = SpatiallyAwareAttention2d(3, 4, 4, num_heads=2, num_value_mixtures=2).double()
-    x = torch.rand(1, 3, 5, 6, dtype=torch.float64)
+    x = torch.rand(2, 3, height, width, dtype=torch.float64)
     _, _, v = layer.project(x)
     w_v = layer.qkv_weight[8:].view(2, 4, 3)
-    mix = layer.mixture_weights(5, 6)
-    expected = torch.einsum('mhw,moc,chw->ohw', mix, w_v, x[0])
-    torch.testing.assert_close(v.flatten(1, 2)[0], expected)
+    mix = layer.mixture_weights(height, width)
+    expected = torch.einsum('mhw,moc,bchw->bohw', mix, w_v, x)
+    torch.testing.assert_close(v.flatten(1, 2), expected)
 
 
 def test_gradcheck_and_reference():

@@ -246,3 +246,46 @@ def test_kernel_gradients_reach_the_projection_in_one_buffer():
                                     (3, 3), (1, 1), True)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert local_attention_ops._packed(grads) is not None
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for the backward of ``fn()``."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved)
+
+
+@pytest.mark.parametrize('impl', ['cpp', 'torch'])
+@pytest.mark.parametrize('kwargs', [dict(), dict(stride=2, dilation=2, bias=True),
+                                    dict(recompute_attention=True)])
+def test_with_cp_gives_the_same_gradients_and_keeps_only_the_input(impl, kwargs):
+    layer = LocalSelfAttention2d(8, 16, 3, num_heads=2, window_size=5, impl=impl,
+                                 **kwargs).double()
+    checkpointed = LocalSelfAttention2d(8, 16, 3, num_heads=2, window_size=5, impl=impl,
+                                        with_cp=True, **kwargs).double()
+    checkpointed.load_state_dict(layer.state_dict())
+    x = _rand(2, 8, 11, 13)
+    results = []
+    for module in (layer, checkpointed):
+        out, saved = _saved_bytes(lambda: module(x))
+        grads = torch.autograd.grad(out.square().sum(), (x, *module.parameters()))
+        results.append((out, saved, grads))
+    (out, saved, grads), (out_cp, saved_cp, grads_cp) = results
+    torch.testing.assert_close(out_cp, out, rtol=0, atol=0)
+    for g, g_cp in zip(grads, grads_cp):
+        torch.testing.assert_close(g_cp, g)
+    # The checkpoint keeps the input (and parameters); the plain layer keeps
+    # the projections, which alone are 3 * 16 / 8 = 6x the input.
+    assert saved_cp <= x.numel() * 8 + sum(p.numel() * 8 for p in layer.parameters())
+    assert saved > 4 * saved_cp
+    with torch.no_grad():
+        torch.testing.assert_close(checkpointed(x), out.detach(), rtol=0, atol=0)
+    assert 'with_cp=True' in repr(checkpointed)
+    with pytest.raises(ValueError, match='with_cp'):
+        LocalSelfAttention2d(4, 8, 3, num_heads=2, with_cp=1)

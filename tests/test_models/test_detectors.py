@@ -189,3 +189,34 @@ def test_retinanet_attention_head_init_through_detector():
     layer = model.backbone.layer3[0].conv2
     w_v = layer.qkv_weight[2 * layer.out_channels:]
     assert w_v.std().item() > 0.1
+
+
+def test_memory_levers_reach_every_attention_layer():
+    """``with_cp`` / ``recompute_attention`` in the attention configs reach
+    every attention layer of the full-attention RetinaNet, stem included,
+    and leave its losses and gradients unchanged."""
+    config = 'retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py'
+    plain = build(config).double()
+    levers = tiny_model_cfg(config)
+    for part in (levers.backbone, levers.neck, levers.bbox_head):
+        part.attention_cfg.update(with_cp=True, recompute_attention=True)
+    levers.backbone.stem_cfg.attention_cfg = dict(with_cp=True, recompute_attention=True)
+    init_default_scope('mmdet')
+    checkpointed = MODELS.build(levers).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    layers = [m for m in checkpointed.modules()
+              if isinstance(m, LocalSelfAttention2d) and not m.pointwise]
+    assert len(layers) > 10
+    assert all(m.with_cp and m.recompute_attention for m in layers)
+
+    packed = demo_mm_inputs(2, [[3, 64, 64], [3, 61, 50]], num_items=[3, 0])
+    results = []
+    for model in (plain, checkpointed):
+        model.train()
+        data = model.data_preprocessor(packed, training=True)
+        losses = model(data['inputs'].double(), data['data_samples'], mode='loss')
+        total = sum(sum(v) if isinstance(v, list) else v for v in losses.values())
+        results.append((total, torch.autograd.grad(total, list(model.parameters()))))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for g_cp, g in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g_cp, g)
