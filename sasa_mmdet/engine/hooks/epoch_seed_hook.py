@@ -4,6 +4,8 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner.utils import set_random_seed
 
+from .add_hook import add_custom_hook
+
 
 @HOOKS.register_module()
 class EpochSeedHook(Hook):
@@ -56,10 +58,4 @@ def add_epoch_seed_hook(cfg: Config) -> Config:
     Returns:
         Config: ``cfg``.
     """
-    hooks = list(cfg.get('custom_hooks', None) or [])
-    if not any(
-            hook.get('type') in ('EpochSeedHook', EpochSeedHook)
-            for hook in hooks):
-        hooks.append(dict(type='EpochSeedHook'))
-    cfg.custom_hooks = hooks
-    return cfg
+    return add_custom_hook(cfg, EpochSeedHook)

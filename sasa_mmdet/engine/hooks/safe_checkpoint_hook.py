@@ -4,6 +4,7 @@ from mmengine.registry import HOOKS
 
 from ..checkpoint import (check_checkpoint_fits, decode_checkpoint,
                           encode_checkpoint)
+from .add_hook import add_custom_hook
 
 
 @HOOKS.register_module()
@@ -70,10 +71,4 @@ def add_safe_checkpoint_hook(cfg: Config) -> Config:
     Returns:
         Config: ``cfg``.
     """
-    hooks = list(cfg.get('custom_hooks', None) or [])
-    if not any(
-            hook.get('type') in ('SafeCheckpointHook', SafeCheckpointHook)
-            for hook in hooks):
-        hooks.append(dict(type='SafeCheckpointHook'))
-    cfg.custom_hooks = hooks
-    return cfg
+    return add_custom_hook(cfg, SafeCheckpointHook)
