@@ -11,6 +11,7 @@ from mmdet.testing import demo_mm_inputs
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
+from sasa_mmdet.engine import bf16_autocast
 from sasa_mmdet.layers import LocalSelfAttention2d
 
 CONFIG_DIR = osp.join(osp.dirname(__file__), '..', '..', 'configs')
@@ -112,7 +113,7 @@ def test_retinanet_variants_bf16_autocast(config, softmax_dtypes):
     packed = demo_mm_inputs(2, [[3, 64, 64], [3, 61, 70]], num_classes=80)
     model.train()
     data = model.data_preprocessor(packed, True)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with bf16_autocast('cpu'):
         losses = model.forward(**data, mode='loss')
     loss, log_vars = model.parse_losses(losses)
     assert torch.isfinite(loss) and log_vars['loss_cls'] > 0
@@ -124,7 +125,7 @@ def test_retinanet_variants_bf16_autocast(config, softmax_dtypes):
     model.eval()
     with torch.no_grad():
         data = model.data_preprocessor(packed, False)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with bf16_autocast('cpu'):
             cls_scores, bbox_preds = model.forward(**data, mode='tensor')
         # mmcv's CPU NMS only takes float32 boxes (a predict pass wholly
         # under autocast fails there, whatever the model): the boxes of the
@@ -220,3 +221,28 @@ def test_memory_levers_reach_every_attention_layer():
     torch.testing.assert_close(results[1][0], results[0][0])
     for g_cp, g in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(g_cp, g)
+
+
+@pytest.mark.parametrize('config', TABLE2)
+def test_retinanet_variants_extreme_aspect_ratios(config):
+    """A wide strip and a tall one in one batch (padded to each other):
+    finite losses and gradients, boxes inside each image."""
+    model = build(config)
+    model.bbox_head.test_cfg.score_thr = 0.0
+    packed = demo_mm_inputs(2, [[3, 24, 300], [3, 280, 20]], num_items=[2, 1],
+                            num_classes=80)
+    model.train()
+    data = model.data_preprocessor(packed, True)
+    loss, log_vars = model.parse_losses(model.forward(**data, mode='loss'))
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in log_vars.values())
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
+    model.eval()
+    with torch.no_grad():
+        results = model.forward(**model.data_preprocessor(packed, False), mode='predict')
+    for result, (height, width) in zip(results, [(24, 300), (280, 20)]):
+        boxes = result.pred_instances.bboxes
+        assert len(boxes) > 0 and torch.isfinite(boxes).all()
+        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= width).all()
+        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= height).all()
