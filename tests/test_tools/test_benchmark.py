@@ -31,9 +31,11 @@ def test_layers_and_models_beside_the_convolution(tmp_path):
     rows = result['rows']
     assert [r['label'] for r in rows] == [
         'cpp (16, 9, 11)', 'cpp-recompute (16, 9, 11)', 'torch (16, 9, 11)',
-        'train conv baseline', 'train attn all (conv stem)',
+        'train conv baseline, nothing frozen (reference)',
+        'train conv baseline as configured (stem, stage 1 frozen)',
+        'train attn all (conv stem)',
         'train attn all (conv stem), with_cp', 'train attn all (conv stem), recompute_attention',
-        'infer conv baseline', 'infer attn all (conv stem)'
+        'infer conv baseline, nothing frozen (reference)', 'infer attn all (conv stem)'
     ]
     for r in rows:
         assert r['time_s'] > 0 and r['extra_mb'] >= 0
@@ -43,7 +45,9 @@ def test_layers_and_models_beside_the_convolution(tmp_path):
     # the baseline is every model row's reference, in the same run
     train = [r for r in rows if r.get('mode') == 'train']
     assert all(r['conv_time_s'] == train[0]['time_s'] for r in train)
-    assert train[2]['cfg_options']['model.neck.attention_cfg.with_cp'] is True
+    assert train[0]['cfg_options'] == {'model.backbone.frozen_stages': -1,
+                                       'model.backbone.norm_eval': False}
+    assert train[3]['cfg_options']['model.neck.attention_cfg.with_cp'] is True
     for r in rows:
         assert r['label'] in proc.stdout
 
