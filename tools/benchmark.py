@@ -203,7 +203,7 @@ def _plot(rows, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     panels = [('time_ratio', 'time / convolution'),
               ('memory_ratio', 'extra memory / convolution')]
     if any('peak_ratio' in r for r in rows):
@@ -220,9 +220,10 @@ def _plot(rows, path):
                      for r in mine], [r[key] for r in mine], height=bar, label=name)
         ax.axvline(1.0, color='k', lw=0.8)
         ax.set_xscale('log')
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
         ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(ScalarFormatter())
-        ax.tick_params(axis='x', which='minor', labelsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis='x', labelsize=7)
         ax.set_title(title)
         ax.grid(axis='x', which='both', alpha=0.3)
     axes[0].set_yticks(range(len(groups)))
