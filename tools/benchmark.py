@@ -64,16 +64,18 @@ TABLE2 = [
 ]
 
 
-def _every_attention_layer(**options) -> dict:
+def _every_attention_layer(attention_stem: bool, **options) -> dict:
     """Config options that set ``options`` in every attention layer of a
-    Table 2 model (backbone stages, attention stem, FPN, heads)."""
-    return {f'model.{part}.{key}': value for key, value in options.items()
-            for part in ('backbone.attention_cfg', 'backbone.stem_cfg.attention_cfg',
-                         'neck.attention_cfg', 'bbox_head.attention_cfg')}
+    Table 2 model (backbone stages, FPN, heads and the attention stem)."""
+    parts = ['backbone.attention_cfg', 'neck.attention_cfg', 'bbox_head.attention_cfg']
+    if attention_stem:
+        parts.append('backbone.stem_cfg.attention_cfg')
+    return {f'model.{part}.{key}': value for key, value in options.items() for part in parts}
 
 
 LEVERS = [
-    (f'{name}, {lever}', config, _every_attention_layer(**{lever: True}))
+    (f'{name}, {lever}', config,
+     _every_attention_layer('attnstem' in config, **{lever: True}))
     for name, config in TABLE2[3:] for lever in ('with_cp', 'recompute_attention')
 ]
 
@@ -144,16 +146,7 @@ def _run_model_case(case: dict) -> dict:
     import sasa_mmdet  # noqa: F401
     register_all_modules()
     cfg = Config.fromfile(osp.join(ROOT, case['config']))
-    for key, value in (case.get('cfg_options') or {}).items():
-        *path, name = key.split('.')
-        if '.stem_cfg.' in key and cfg.model.backbone.get('stem_type') != 'attention':
-            continue
-        node = cfg
-        for part in path:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        node[name] = value
+    cfg.merge_from_dict(case.get('cfg_options') or {})
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
     model.init_weights()

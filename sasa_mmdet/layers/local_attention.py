@@ -309,19 +309,18 @@ class LocalSelfAttention2d(nn.Module):
         if self.pointwise:
             return F.conv2d(x, self.weight, self.bias, self.stride)
         if self.with_cp and torch.is_grad_enabled():
-            out = checkpoint(self._project_and_attend, x, True, use_reentrant=False)
+            # The map then lives only while this layer's backward runs: keep
+            # it there rather than compute it a third time.
+            out = checkpoint(self._project_and_attend, x, False, use_reentrant=False)
         else:
-            out = self._project_and_attend(x, False)
+            out = self._project_and_attend(x, self.recompute_attention)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
         return out
 
-    def _project_and_attend(self, x: Tensor, checkpointed: bool) -> Tensor:
+    def _project_and_attend(self, x: Tensor, recompute_attention: bool) -> Tensor:
         query, key, value = self.project(x)
-        # Inside a checkpoint the map lives only while this layer's backward
-        # runs: keep it rather than compute it a third time.
-        out = self.attend(query, key, value,
-                          recompute_attention=self.recompute_attention and not checkpointed)
+        out = self.attend(query, key, value, recompute_attention)
         out = out.flatten(1, 2)  # (B, C_out, H, W)
         if self.stride != (1, 1):
             out = F.avg_pool2d(out, self.stride, self.stride, ceil_mode=True)

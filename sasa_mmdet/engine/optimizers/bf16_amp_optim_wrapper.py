@@ -3,13 +3,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.utils import _pair
-from torch.overrides import TorchFunctionMode
 from mmengine.config import Config
 from mmengine.device import get_device
 from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
+from torch.nn.modules.utils import _pair
+from torch.overrides import TorchFunctionMode
 
 
 class _TinyConvsInFloat32(TorchFunctionMode):
