@@ -169,5 +169,22 @@ class AttentionStem(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.relu(self.norm(self.attention(x))))
 
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """The stem attention's softmax weights on the image ``x``.
+
+        The stem's attention is :class:`SpatiallyAwareAttention2d`, whose
+        logits are those of :class:`LocalSelfAttention2d` (only its values
+        mix several matrices), so this is
+        :meth:`LocalSelfAttention2d.attention_weights` of ``self.attention``:
+        ``(B, num_heads, window * window, H, W)`` at the image's resolution,
+        before the norm and the max pool.
+
+        Example:
+            >>> stem = AttentionStem(3, 16, num_heads=4)
+            >>> stem.attention_weights(torch.rand(1, 3, 10, 12)).shape
+            torch.Size([1, 4, 16, 10, 12])
+        """
+        return self.attention.attention_weights(x)
+
     def multiply_adds(self, input_shape) -> int:
         return self.attention.multiply_adds(input_shape)

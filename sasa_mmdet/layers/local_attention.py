@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 from torch.utils.checkpoint import checkpoint
 
+from .attention_weights import local_attention_weights
 from .local_attention_ops import local_attention, local_attention_reference, split_projections
 
 POSITION_ENCODINGS = ('relative', 'absolute', 'none')
@@ -349,6 +350,55 @@ class LocalSelfAttention2d(nn.Module):
                                recompute_attention=(self.recompute_attention
                                                     if recompute_attention is None
                                                     else recompute_attention))
+
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """The softmax weights that :meth:`forward` applies to the values of ``x``.
+
+        Computed from :meth:`project` with the same position encoding and
+        logits as :meth:`attend`, in plain tensor operations
+        (:func:`~sasa_mmdet.layers.attention_weights.local_attention_weights`),
+        whatever ``impl`` the forward pass uses: for inspection, not for
+        speed.
+
+        Args:
+            x (Tensor): The layer's input, ``(B, in_channels, H, W)``.
+
+        Returns:
+            Tensor: ``(B, num_heads, kh * kw, H, W)`` in at least float32, at
+            the input's resolution (a stride's average pool comes after the
+            attention). Taps are in row-major window order, the order of
+            ``rel_row`` / ``rel_col``: tap ``ty * kw + tx`` of pixel (i, j)
+            is the input pixel ``(i + (ty - (kh - 1) // 2) * dilation[0],
+            j + (tx - (kw - 1) // 2) * dilation[1])``. Over the taps the
+            weights sum to 1; taps outside the image have weight exactly 0.
+
+        Example:
+            >>> layer = LocalSelfAttention2d(8, 16, 3, stride=2, num_heads=4,
+            ...                              window_size=5)
+            >>> layer.attention_weights(torch.rand(2, 8, 9, 7)).shape
+            torch.Size([2, 4, 25, 9, 7])
+        """
+        if self.pointwise:
+            raise ValueError(f'{type(self).__name__} built with kernel_size=1 is a pointwise '
+                             'convolution: it has no attention weights')
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'{type(self).__name__} expects input (N, {self.in_channels}, H, W), '
+                             f'got {tuple(x.shape)}')
+        query, key, _ = self.project(x)
+        rel_row = rel_col = None
+        if self.position_encoding == 'relative':
+            rel_row, rel_col = self.rel_row, self.rel_col
+            if self.logits == 'qr':
+                key = None
+        elif self.position_encoding == 'absolute':
+            height, width = query.shape[-2:]
+            pos = sinusoidal_position_encoding(
+                height, width, self.row_channels, self.col_channels,
+                device=query.device, dtype=query.dtype)
+            pos = pos.expand(self.num_heads, -1, -1, -1)  # (N, D, H, W)
+            key = key + pos if self.logits == 'qk+qr' else pos.expand_as(key)
+        return local_attention_weights(query, key, self.window_size, self.dilation,
+                                       rel_row, rel_col)
 
     def multiply_adds(self, input_shape) -> int:
         """Multiply-adds of one forward pass for an input ``(N, C, H, W)``.
