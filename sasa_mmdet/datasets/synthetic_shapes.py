@@ -282,3 +282,206 @@ def _read_manifest(path: str) -> Optional[Dict]:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+# ---------------------------------------------------------------------------
+# Classification set for pretraining (tools/misc/make_pretrain_dataset.py)
+# ---------------------------------------------------------------------------
+
+#: Bump when the drawing of the classification set changes.
+CLASSIFICATION_GENERATOR_VERSION = 1
+
+#: Classes of the classification set: the detection set's three and five
+#: more, so that pretraining has to tell apart more than the detector sees
+#: (ImageNet holds COCO's classes and many more). Folder names, as
+#: mmpretrain's ``CustomDataset`` reads them (it sorts them).
+SHAPE_CLASSIFICATION_CLASSES = ('rectangle', 'ellipse', 'triangle', 'diamond',
+                                'cross', 'star', 'hexagon', 'ring')
+
+_CLS_MANIFEST = 'manifest.json'
+
+
+def _regular_polygon(num_vertices: int, radii: Tuple[float, ...],
+                     angle: float, w: float, h: float) -> np.ndarray:
+    """Vertices of a star-like polygon: ``num_vertices`` points at angles
+    ``angle + 2 pi i / n`` and radius ``radii[i % len(radii)]``, scaled to a
+    ``w`` x ``h`` extent."""
+    theta = angle + 2 * np.pi * np.arange(num_vertices) / num_vertices
+    radius = np.asarray([radii[i % len(radii)] for i in range(num_vertices)])
+    return np.stack([np.cos(theta) * radius * w / 2,
+                     np.sin(theta) * radius * h / 2], axis=1)
+
+
+def _rotate(pts: np.ndarray, angle: float) -> np.ndarray:
+    cos, sin = np.cos(angle), np.sin(angle)
+    return pts @ np.array([[cos, sin], [-sin, cos]])
+
+
+def _class_polygons(rng: np.random.Generator, name: str, size: int,
+                    min_frac: float, max_frac: float) -> List[np.ndarray]:
+    """Polygons (centred at the origin) of one shape of class ``name``: one,
+    or an outer and an inner (hole) one for the ring."""
+    if name in ('rectangle', 'ellipse', 'triangle'):
+        # drawn exactly as in the detection set
+        label = SHAPE_CLASSES.index(name)
+        return [_shape_polygon(rng, label, size, min_frac, max_frac)]
+    extent = rng.uniform(min_frac, max_frac) * size
+    aspect = rng.uniform(0.6, 1.6)
+    w, h = extent * min(1.0, aspect), extent * min(1.0, 1 / aspect)
+    if name == 'diamond':  # axis-aligned rhombus (a rotated one is a square)
+        pts = np.array([[0, -h / 2], [w / 2, 0], [0, h / 2], [-w / 2, 0]])
+    elif name == 'cross':  # plus sign, any rotation (an x is a cross too)
+        t = rng.uniform(0.18, 0.35) / 2
+        unit = np.array([[-t, -.5], [t, -.5], [t, -t], [.5, -t], [.5, t],
+                         [t, t], [t, .5], [-t, .5], [-t, t], [-.5, t],
+                         [-.5, -t], [-t, -t]])
+        pts = _rotate(unit * [w, h], rng.uniform(0, np.pi / 2))
+    elif name == 'star':  # five points
+        pts = _regular_polygon(10, (1.0, rng.uniform(0.38, 0.5)),
+                               rng.uniform(0, 2 * np.pi), w, h)
+    elif name == 'hexagon':
+        pts = _regular_polygon(6, (1.0, ), rng.uniform(0, np.pi / 3), w, h)
+    elif name == 'ring':  # an ellipse with an elliptic hole
+        outer = cv2.ellipse2Poly((0, 0), (int(round(w / 2)),
+                                          int(round(h / 2))), 0, 0, 360,
+                                 10).astype(np.float32)
+        return [outer, outer * rng.uniform(0.45, 0.62)]
+    else:
+        raise ValueError(f'unknown shape class {name!r}; expected one of '
+                         f'{SHAPE_CLASSIFICATION_CLASSES}')
+    return [pts.astype(np.float32)]
+
+
+def _draw_class_image(rng: np.random.Generator, name: str, size: int,
+                      min_frac: float, max_frac: float) -> np.ndarray:
+    """One image (BGR) with one shape of class ``name`` somewhere on the
+    detection set's backgrounds, in a colour that stands out."""
+    img = _background(rng, size)
+    polygons = _class_polygons(rng, name, size, min_frac, max_frac)
+    lo, hi = polygons[0].min(0), polygons[0].max(0)
+    # shapes larger than the image are shrunk to fit
+    scale = min(1.0, (size - 3) / float(np.max(hi - lo)))
+    polygons = [p * scale for p in polygons]
+    lo, hi = lo * scale, hi * scale
+    centre = rng.uniform(-lo + 1, size - 1 - hi)
+    polygons = [np.round(p + centre).astype(np.int32) for p in polygons]
+    x1, y1 = polygons[0].min(0)
+    x2, y2 = polygons[0].max(0)
+    under = img[y1:y2 + 1, x1:x2 + 1].reshape(-1, 3).mean(0)
+    for _attempt in range(10):
+        color = rng.integers(0, 256, size=3)
+        if np.abs(color - under).sum() > 150:
+            break
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(mask, polygons[:1], 255, lineType=cv2.LINE_AA)
+    if len(polygons) > 1:  # the ring's hole shows the background
+        cv2.fillPoly(mask, polygons[1:], 0, lineType=cv2.LINE_AA)
+    alpha = mask.astype(np.float32)[..., None] / 255
+    img = img * (1 - alpha) + color.astype(np.float32) * alpha
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def generate_synthetic_shape_classes(out_dir: str = 'data/sasa_pretrain',
+                                     num_train_per_class: int = 150,
+                                     num_val_per_class: int = 25,
+                                     size: int = 64,
+                                     seed: int = 0,
+                                     min_frac: float = 0.3,
+                                     max_frac: float = 0.8,
+                                     force: bool = False) -> bool:
+    """Write a synthetic shape classification set in the folder layout of
+    mmpretrain's ``CustomDataset``.
+
+    One shape per image, of one of :data:`SHAPE_CLASSIFICATION_CLASSES`, on
+    the detection set's backgrounds (gradients, stripes, noise). The three
+    detection classes are drawn exactly as in
+    :func:`generate_synthetic_shapes`. Layout::
+
+        out_dir/
+            train/<class>/000001.jpg ...   (num_train_per_class per class)
+            val/<class>/000001.jpg ...     (num_val_per_class per class)
+            meta/train.txt, meta/val.txt   ("<class>/<file> <label>" lines)
+            classes.txt
+            manifest.json
+
+    ``CustomDataset(data_root=out_dir, data_prefix='train')`` reads the
+    folders (label = index of the class in sorted order, as in
+    ``meta/*.txt`` and ``classes.txt``). Every image is drawn from its own
+    generator seeded with ``(seed, split, index)``: the same arguments give
+    the same bytes on every run, and the validation images do not depend on
+    ``num_train_per_class``.
+
+    Args:
+        out_dir (str): Target folder. Defaults to ``'data/sasa_pretrain'``.
+        num_train_per_class (int): Training images per class. Defaults to
+            150.
+        num_val_per_class (int): Held-out images per class. Defaults to 25.
+        size (int): Side of the square images in pixels. Defaults to 64.
+        seed (int): Random seed. Defaults to 0.
+        min_frac (float): Smallest shape extent, as a fraction of ``size``.
+            Defaults to 0.3.
+        max_frac (float): Largest shape extent, as a fraction of ``size``.
+            Defaults to 0.8.
+        force (bool): Regenerate even if ``out_dir`` already holds this
+            set. Defaults to False.
+
+    Returns:
+        bool: True if files were written, False if ``out_dir`` already held
+        the same set (read from its ``manifest.json``).
+    """
+    for arg, value in (('num_train_per_class', num_train_per_class),
+                       ('num_val_per_class', num_val_per_class)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f'{arg} must be an int >= 1, got {value!r}')
+    if not isinstance(size, int) or size < 32:
+        raise ValueError(f'size must be an int >= 32 (pixels), got {size!r}')
+    if not 0 < min_frac <= max_frac < 1:
+        raise ValueError('expected 0 < min_frac <= max_frac < 1, got '
+                         f'min_frac={min_frac}, max_frac={max_frac}')
+    classes = sorted(SHAPE_CLASSIFICATION_CLASSES)
+    manifest = dict(
+        generator='sasa_mmdet.datasets.synthetic_shapes:'
+        'generate_synthetic_shape_classes',
+        version=CLASSIFICATION_GENERATOR_VERSION,
+        classes=classes,
+        num_train_per_class=num_train_per_class,
+        num_val_per_class=num_val_per_class,
+        size=size,
+        seed=seed,
+        min_frac=min_frac,
+        max_frac=max_frac)
+    manifest_path = osp.join(out_dir, _CLS_MANIFEST)
+    if not force and _read_manifest(manifest_path) == manifest:
+        return False
+    if osp.exists(manifest_path):
+        os.remove(manifest_path)
+    os.makedirs(osp.join(out_dir, 'meta'), exist_ok=True)
+    for split_id, (split, per_class) in enumerate(
+            zip(_SPLITS, (num_train_per_class, num_val_per_class))):
+        for name in classes:
+            folder = osp.join(out_dir, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for file_name in os.listdir(folder):  # an earlier, larger set
+                if _IMAGE_NAME.fullmatch(file_name):
+                    os.remove(osp.join(folder, file_name))
+        lines = []
+        # classes interleaved: image i is of class i % num_classes
+        for index in range(per_class * len(classes)):
+            label = index % len(classes)
+            name = classes[label]
+            rng = np.random.default_rng([seed, split_id, index])
+            img = _draw_class_image(rng, name, size, min_frac, max_frac)
+            file_name = f'{index // len(classes) + 1:06d}.jpg'
+            ok, buf = cv2.imencode('.jpg', img,
+                                   [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+            assert ok, f'JPEG encoding failed for {name}/{file_name}'
+            with open(osp.join(out_dir, split, name, file_name), 'wb') as f:
+                f.write(buf.tobytes())
+            lines.append(f'{name}/{file_name} {label}\n')
+        with open(osp.join(out_dir, 'meta', f'{split}.txt'), 'w') as f:
+            f.writelines(sorted(lines))
+    with open(osp.join(out_dir, 'classes.txt'), 'w') as f:
+        f.writelines(f'{name}\n' for name in classes)
+    with open(manifest_path, 'w') as f:
+        json.dump(manifest, f, indent=2)
+    return True
