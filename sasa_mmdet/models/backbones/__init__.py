@@ -1,3 +1,3 @@
-from .sasa_resnet import SASAResNet
+from .sasa_resnet import PretrainedMismatchError, SASAResNet
 
-__all__ = ['SASAResNet']
+__all__ = ['PretrainedMismatchError', 'SASAResNet']

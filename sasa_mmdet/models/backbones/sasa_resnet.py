@@ -22,6 +22,7 @@ from mmdet.registry import MODELS
 from mmdet.utils import OptConfigType
 from mmengine.logging import print_log
 
+from sasa_mmdet.engine import CheckpointMismatchError
 from sasa_mmdet.layers import AttentionStem
 
 STEM_TYPES = ('conv', 'attention')
@@ -56,6 +57,15 @@ class SASAResNet(ResNet):
     stem) and which checkpoint tensors go unused (the replaced 3x3
     convolutions, the classifier).
 
+    Starting from a classifier of the same architecture (an ImageNet run of
+    ``configs/imagenet/``) is the paper's set-up: with
+    ``init_cfg=dict(type='Pretrained', prefix='backbone.', checkpoint=...)``
+    and ``strict_pretrained=True`` every backbone tensor must come from the
+    checkpoint; the log then reads ``SASAResNet: all N tensors loaded from
+    the checkpoint ...``, and a checkpoint whose backbone does not fit raises
+    a :class:`PretrainedMismatchError` naming the tensors before anything is
+    copied.
+
     Args:
         depth (int): 18, 26, 34, 38, 50, 101 or 152. 26 and 38 are the
             paper's bottleneck ResNets with (1, 2, 4, 1) and (2, 3, 5, 2)
@@ -79,6 +89,13 @@ class SASAResNet(ResNet):
         **kwargs: :class:`mmdet.models.backbones.ResNet` arguments.
             ``deep_stem=True`` only goes with ``stem_type='conv'``, ``dcn``
             only in stages without attention.
+        strict_pretrained (bool): Refuse a ``Pretrained`` ``init_cfg``
+            checkpoint that does not fill every tensor of the backbone
+            exactly (names and shapes; BatchNorm's ``num_batches_tracked``
+            may be missing) or that holds backbone tensors this backbone
+            does not have. Applies to ``init_weights`` only; loads through
+            the runner are checked by ``SafeCheckpointHook``. Default:
+            False (a convolutional ResNet checkpoint fills what fits).
 
     Example:
         >>> import torch
@@ -107,7 +124,11 @@ class SASAResNet(ResNet):
                                                          True),
                  attention_cfg: OptConfigType = None,
                  stem_cfg: OptConfigType = None,
+                 strict_pretrained: bool = False,
                  **kwargs) -> None:
+        if not isinstance(strict_pretrained, bool):
+            raise ValueError('strict_pretrained must be a bool, got '
+                             f'{strict_pretrained!r}')
         if depth not in self.arch_settings:
             raise ValueError(f'depth must be one of '
                              f'{tuple(sorted(self.arch_settings))}, got '
@@ -160,8 +181,31 @@ class SASAResNet(ResNet):
             type='LocalSelfAttention2d', window_size=7, num_heads=8)
         self.attention_cfg.update(copy.deepcopy(attention_cfg or {}))
         self.stem_cfg = copy.deepcopy(stem_cfg or {})
+        self.strict_pretrained = strict_pretrained
+        # True while init_weights runs (a Pretrained init_cfg loads then)
+        self._initialising = False
         super().__init__(depth, **kwargs)
         self.register_load_state_dict_pre_hook(_log_checkpoint_coverage)
+
+    def init_weights(self) -> None:
+        """ResNet's initialisation; a ``Pretrained`` ``init_cfg`` is loaded
+        last (mmengine) and checked with ``strict_pretrained``."""
+        self._initialising = True
+        try:
+            super().init_weights()
+        finally:
+            self._initialising = False
+
+    def _pretrained_source(self) -> str:
+        """'file (prefix ...)' of the Pretrained init_cfg, for messages."""
+        init_cfgs = self.init_cfg if isinstance(self.init_cfg,
+                                                list) else [self.init_cfg]
+        for cfg in init_cfgs:
+            if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+                prefix = cfg.get('prefix')
+                return f'{cfg.get("checkpoint")}' + (
+                    f' (prefix {prefix!r})' if prefix else '')
+        return 'the checkpoint'
 
     def make_res_layer(self, **kwargs) -> nn.Module:
         """Build a stage; attention stages get the attention ``conv_cfg``."""
@@ -183,6 +227,44 @@ class SASAResNet(ResNet):
         self.maxpool = nn.Identity()
 
 
+class PretrainedMismatchError(CheckpointMismatchError):
+    """A ``Pretrained`` checkpoint does not fit a backbone built with
+    ``strict_pretrained=True``; nothing was loaded.
+
+    Args:
+        backbone (str): The backbone's class name.
+        source (str): The checkpoint (and prefix) it was loaded from.
+        mismatched (list[tuple]): ``(key, checkpoint shape, model shape)``.
+        missing (list[str]): Backbone tensors the checkpoint does not hold.
+        unexpected (list[str]): Checkpoint tensors (under the prefix) the
+            backbone does not have.
+    """
+
+    def __init__(self, backbone: str, source: str, mismatched, missing,
+                 unexpected) -> None:
+        super().__init__(mismatched, missing, unexpected)
+        lines = [
+            f'{backbone}(strict_pretrained=True): the checkpoint {source} '
+            'does not fit this backbone; nothing was loaded.'
+        ]
+        if mismatched:
+            lines.append(f'Shapes differ ({len(mismatched)}): ' + ', '.join(
+                f'{key}: checkpoint {ckpt} vs backbone {own}'
+                for key, ckpt, own in mismatched))
+        if missing:
+            lines.append(f'Not in the checkpoint ({len(missing)}): ' +
+                         ', '.join(missing))
+        if unexpected:
+            lines.append(f'Not in the backbone ({len(unexpected)}): ' +
+                         ', '.join(unexpected))
+        lines.append(
+            'Pretrain the same backbone (depth, stem_type, '
+            'stage_with_attention, attention_cfg, stem_cfg, base_channels) '
+            "or, to start from part of a checkpoint on purpose (e.g. a "
+            "convolutional ResNet), set strict_pretrained=False.")
+        self.args = ('\n'.join(lines), )
+
+
 def _log_checkpoint_coverage(module: nn.Module, state_dict: dict, prefix: str,
                              *args) -> None:
     """Log which tensors a state dict will not fill (load pre-hook).
@@ -190,6 +272,9 @@ def _log_checkpoint_coverage(module: nn.Module, state_dict: dict, prefix: str,
     Runs inside ``load_state_dict`` (torch's or mmengine's, whichever loads a
     ``Pretrained`` ``init_cfg``, ``load_from`` or a resumed checkpoint),
     before the tensors are copied, with the state dict under ``prefix``.
+    While ``init_weights`` loads a ``Pretrained`` checkpoint into a backbone
+    with ``strict_pretrained=True``, anything short of a complete fit raises
+    :class:`PretrainedMismatchError` instead.
     """
     own = {
         key: value
@@ -209,11 +294,18 @@ def _log_checkpoint_coverage(module: nn.Module, state_dict: dict, prefix: str,
     unused = [key for key in given if key not in own]
     loaded = len(own) - len(missing) - len(mismatched)
     name = type(module).__name__
+    pretrained = getattr(module, '_initialising', False)
+    source = module._pretrained_source() if pretrained else 'the checkpoint'
     if not (missing or mismatched or unused):
         print_log(
-            f'{name}: all {len(own)} tensors loaded from the checkpoint',
+            f'{name}: all {len(own)} tensors loaded from {source}',
             logger='current')
         return
+    if pretrained and module.strict_pretrained:
+        raise PretrainedMismatchError(
+            name, source,
+            [(key, tuple(given[key].shape), tuple(own[key].shape))
+             for key in mismatched], missing, unused)
     lines = [
         f'{name}: {loaded} of {len(own)} tensors loaded from the checkpoint; '
         f'{len(missing) + len(mismatched)} start fresh '
@@ -233,4 +325,4 @@ def _log_checkpoint_coverage(module: nn.Module, state_dict: dict, prefix: str,
     print_log('\n'.join(lines), logger='current', level=logging.WARNING)
 
 
-__all__ = ['SASAResNet']
+__all__ = ['PretrainedMismatchError', 'SASAResNet']

@@ -1,0 +1,6 @@
+# Table 1: ResNet-50, convolutional stem, local self-attention (7x7 window,
+# 8 heads) in place of every 3x3 convolution ("conv-stem + attention").
+_base_ = './resnet50_128xb32-warmup-coslr-130e_in1k.py'
+
+model = dict(
+    backbone=dict(stage_with_attention=(True, True, True, True)))
