@@ -1,4 +1,13 @@
+import os
+
 import pytest
+
+# Triton's interpreter runs the Triton kernels on CPU tensors (impl='triton'
+# in the tests); it has to be on before the kernels are defined.
+if 'TRITON_INTERPRET' not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ['TRITON_INTERPRET'] = '1'
 
 
 def pytest_configure(config):
@@ -45,7 +54,7 @@ def softmax_dtypes(monkeypatch):
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 
-    from sasa_mmdet.layers import local_attention_ops
+    from sasa_mmdet.layers.backends import cpu, pytorch
 
     dtypes = []
     softmax_functions = (torch.softmax, torch.Tensor.softmax, F.softmax,
@@ -62,9 +71,19 @@ def softmax_dtypes(monkeypatch):
                 dtypes.append(('torch', dtype))
             return func(*args, **kwargs)
 
-    kernel = local_attention_ops.cpu_kernel()
+    # The 'torch' backend runs inside the registered operator, below the
+    # reach of torch-function modes: record its softmax where it is made.
+    attention_map = pytorch.attention_map
+
+    def recording_attention_map(*args):
+        attn = attention_map(*args)
+        dtypes.append(('torch', attn.dtype))
+        return attn
+
+    monkeypatch.setattr(pytorch, 'attention_map', recording_attention_map)
+    kernel = cpu.cpu_kernel()
     if kernel is not None:
-        monkeypatch.setattr(local_attention_ops, '_CPU_KERNEL',
+        monkeypatch.setattr(cpu, '_KERNEL',
                             _RecordingKernel(kernel, dtypes))
     with RecordSoftmax():
         yield dtypes

@@ -12,7 +12,6 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmcv.cnn import build_norm_layer
 from mmengine.registry import MODELS
 from torch import Tensor
 
@@ -152,6 +151,9 @@ class AttentionStem(nn.Module):
                  norm_cfg: dict = dict(type='BN', requires_grad=True),
                  pool_size: int = 4,
                  attention_cfg: dict = None) -> None:
+        # mmcv's norm registry; imported here so that the attention layers
+        # import without mmcv (tools/gpu_check.sh on a bare GPU machine).
+        from mmcv.cnn import build_norm_layer
         super().__init__()
         self.attention = SpatiallyAwareAttention2d(
             in_channels, out_channels, window_size, num_heads=num_heads,

@@ -24,7 +24,7 @@ from .local_attention_ops import local_attention, local_attention_reference, spl
 
 POSITION_ENCODINGS = ('relative', 'absolute', 'none')
 LOGITS = ('qk+qr', 'qr')
-IMPLS = ('auto', 'cpp', 'torch', 'reference')
+IMPLS = ('auto', 'cpp', 'triton', 'torch', 'reference')
 
 
 def _check_positive_pair(name: str, value) -> Tuple[int, int]:
@@ -59,6 +59,25 @@ def sinusoidal_position_encoding(height: int, width: int, dim_row: int,
     rows = encode(height, dim_row).t()[:, :, None].expand(-1, -1, width)
     cols = encode(width, dim_col).t()[:, None, :].expand(-1, height, -1)
     return torch.cat([rows, cols], dim=0)
+
+
+def average_pool_ceil(x: Tensor, stride: Tuple[int, int]) -> Tensor:
+    """``s x s`` average pool, stride ``s``, ceil mode: windows at the bottom
+    and right borders average the pixels they hold. Output ``ceil(H / s)``.
+
+    ``F.avg_pool2d(ceil_mode=True)``, except under ``torch.compile``, where
+    it is a zero-padded sum pool over the pixel count: inductor's CPU
+    backward of ``avg_pool2d`` in ceil mode is wrong when a border window is
+    partial (torch 2.14; measured: gradients off by O(1) on a 9x11 map).
+    """
+    if not torch.compiler.is_compiling():
+        return F.avg_pool2d(x, stride, stride, ceil_mode=True)
+    height, width = x.shape[-2:]
+    padding = (0, -width % stride[1], 0, -height % stride[0])
+    total = F.avg_pool2d(F.pad(x, padding), stride, stride, divisor_override=1)
+    count = F.avg_pool2d(F.pad(x.new_ones(1, 1, height, width), padding), stride, stride,
+                         divisor_override=1)
+    return total / count
 
 
 @MODELS.register_module()
@@ -108,9 +127,12 @@ class LocalSelfAttention2d(nn.Module):
             N(0, value_init_std) instead of the default (the paper uses 0.01
             in the detection heads).
         impl (str): 'auto' (the compiled CPU kernel for CPU tensors when
-            built, else 'torch'), 'cpp', 'torch' (offset by offset, any
-            device) or 'reference' (unfold; slow, for tests). None of the
-            first three copies K and V per window tap. Default: 'auto'.
+            built, the Triton kernels for CUDA tensors, else 'torch'),
+            'cpp', 'triton' (CUDA, or CPU under ``TRITON_INTERPRET=1``),
+            'torch' (offset by offset, any device) or 'reference' (unfold;
+            slow, for tests). None but the reference copies K and V per
+            window tap; all but the reference run through the registered
+            operator ``torch.ops.sasa_mmdet.local_attention``. Default: 'auto'.
         recompute_attention (bool): Keep no attention map for the backward
             pass and recompute it there: a memory lever for training. The
             map holds ``num_heads * k*k`` float32 numbers per pixel (392 at
@@ -119,9 +141,10 @@ class LocalSelfAttention2d(nn.Module):
             logits and softmax twice, which on CPU costs about what writing
             and reading the map does (``tools/benchmark.py``, k = 7, 8
             heads: the same time at 256 channels, less at 64; peak memory
-            of forward + backward -20% at 256 channels, -55% at 64). The
-            'torch' path recomputes its whole forward (activation
-            checkpointing); 'reference' ignores the option. Default: False.
+            of forward + backward -20% at 256 channels, -55% at 64); so
+            does the 'torch' path. The Triton kernels never keep the map
+            (they always recompute it), so the option changes nothing
+            there; 'reference' ignores it. Default: False.
         with_cp (bool): Activation checkpointing of the whole layer (mmdet's
             name for it): keep only the input for the backward pass and
             recompute the projections and the attention there. Saves the
@@ -324,7 +347,7 @@ class LocalSelfAttention2d(nn.Module):
         out = self.attend(query, key, value, recompute_attention)
         out = out.flatten(1, 2)  # (B, C_out, H, W)
         if self.stride != (1, 1):
-            out = F.avg_pool2d(out, self.stride, self.stride, ceil_mode=True)
+            out = average_pool_ceil(out, self.stride)
         return out
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor,

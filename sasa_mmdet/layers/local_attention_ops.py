@@ -1,315 +1,216 @@
-"""Functional core of local (k x k window) multi-head self-attention.
+"""The local-attention operator: one registered op, several backends.
 
-Two implementations of the same function, tested against each other:
+``torch.ops.sasa_mmdet.local_attention`` (forward) and
+``torch.ops.sasa_mmdet.local_attention_backward`` are registered with
+``torch.library`` (schemas inferred from the signatures below, fake kernels
+for shape propagation, autograd through ``register_autograd``), so the layer
+compiles with ``torch.compile(fullgraph=True)``, exports with
+``torch.export`` and passes ``torch.library.opcheck``. Behind them, one file
+per backend (``backends/``):
 
-- :func:`local_attention_reference` unfolds the window, so every query sees
-  an explicit ``(k*k)``-long list of keys and values. It is short and
-  obviously correct, and costs ``k*k`` copies of K and V.
-- :func:`local_attention` dispatches to one of two fast paths, neither of
-  which copies K and V ``k*k`` times (the largest tensor kept for backward
-  is the attention map, ``heads * k*k`` numbers per pixel, unless
-  ``recompute_attention``):
+- ``'cpp'``: the compiled CPU kernel (CPU tensors);
+- ``'triton'``: fused Triton kernels (CUDA tensors; CPU tensors under
+  ``TRITON_INTERPRET=1``, for tests);
+- ``'torch'``: plain PyTorch, any device.
 
-  * ``'cpp'``: the compiled CPU kernel (``csrc/local_attention_cpu.cpp``,
-    built by setup.py): logits (q.k and q.r), masked softmax and weighted
-    sum fused, vectorised across the pixels of a row (any head width), in
-    the projection's own planar layout, OpenMP-parallel over bands of rows;
-    its backward keeps no gradient of the logits beyond one row.
-  * ``'torch'``: pure PyTorch, any device. It walks the ``k*k`` window
-    offsets; its two primitives, :class:`LocalQK` (query . key for every
-    offset) and :class:`LocalAV` (attention-weighted sum of values), read
-    shifted views of one zero-padded K or V and accumulate gradients in
-    place.
+``impl='auto'`` picks ``'cpp'`` for CPU tensors when the kernel is built,
+``'triton'`` for CUDA tensors when triton is installed, ``'torch'``
+otherwise. During ``torch.onnx.export`` the layer runs the ``'torch'``
+forward directly, which is made of standard ONNX operators only.
 
-  ``'auto'`` picks ``'cpp'`` for CPU tensors when the kernel is built and
-  ``'torch'`` otherwise.
-
-Both follow the paper's formula (Ramachandran et al., 2019, eq. 3):
+All follow the paper's formula (Ramachandran et al., 2019, eq. 3):
 
     y_ij = sum_{ab in N_k(ij)} softmax_ab(q_ij . k_ab + q_ij . r_{a-i,b-j}) v_ab
 
 per head, with neighbours outside the image excluded from the softmax (they
-do not exist; they are not zeros).
-
-Window geometry: a window of ``k`` taps with dilation ``d`` covers the
-offsets ``(t - (k - 1) // 2) * d`` for ``t in range(k)``: centred for odd
-``k`` and, for even ``k``, one more tap after the centre than before it, the
-convention of ``nn.Conv2d(padding='same')``.
+do not exist; they are not zeros), and the softmax in at least float32.
+:func:`local_attention_reference` (``backends/reference.py``) is the
+definition every backend is tested against.
 """
-import warnings
+import importlib.util
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+
+from .backends import cpu, pytorch
+from .backends.cpu import cpu_kernel
+from .backends.geometry import neighbourhood_mask, window_offsets  # noqa: F401
+from .backends.pytorch import relative_logits  # noqa: F401
+from .backends.reference import local_attention_reference  # noqa: F401
+
+IMPLS = ('auto', 'cpp', 'torch', 'triton')
 
 
-def window_offsets(window: int, dilation: int) -> list:
-    """Offsets (in pixels) of a window's taps along one axis."""
-    return [(t - (window - 1) // 2) * dilation for t in range(window)]
+# Plain bools, read once at import, so that torch.compile can guard on them
+# (TRITON_INTERPRET must be set before import anyway).
+TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
+TRITON_INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
-def _pad_amounts(window: Tuple[int, int], dilation: Tuple[int, int]) -> tuple:
-    """``F.pad`` amounts (left, right, top, bottom) that hold every tap."""
-    (kh, kw), (dh, dw) = window, dilation
-    top, left = (kh - 1) // 2 * dh, (kw - 1) // 2 * dw
-    bottom, right = kh // 2 * dh, kw // 2 * dw
-    return left, right, top, bottom
+def triton_backend():
+    """The Triton backend module (kernels defined on first use)."""
+    from .backends import triton as module
+    return module
 
 
-def neighbourhood_mask(height: int, width: int, window: Tuple[int, int],
-                       dilation: Tuple[int, int],
-                       device=None) -> Tensor:
-    """Which window taps of each pixel fall inside the image.
-
-    Returns:
-        Tensor: bool ``(kh * kw, height, width)``, True where the key at that
-        tap exists.
-    """
-    rows = torch.arange(height, device=device)
-    cols = torch.arange(width, device=device)
-    row_ok = torch.stack([(rows + o >= 0) & (rows + o < height)
-                          for o in window_offsets(window[0], dilation[0])])
-    col_ok = torch.stack([(cols + o >= 0) & (cols + o < width)
-                          for o in window_offsets(window[1], dilation[1])])
-    # (kh, 1, H, 1) & (1, kw, 1, W) -> (kh * kw, H, W)
-    mask = row_ok[:, None, :, None] & col_ok[None, :, None, :]
-    return mask.flatten(0, 1)
-
-
-def _shifted_views(padded: Tensor, height: int, width: int,
-                   window: Tuple[int, int], dilation: Tuple[int, int]):
-    """Yield, tap by tap, the ``(..., height, width)`` view of a padded map
-    whose pixel (i, j) is the neighbour of (i, j) at that tap."""
-    for ty in range(window[0]):
-        y = ty * dilation[0]
-        for tx in range(window[1]):
-            x = tx * dilation[1]
-            yield padded[..., y:y + height, x:x + width]
-
-
-def _scatter_to_taps(weights: Tensor, source: Tensor, window, dilation) -> Tensor:
-    """Gradient of a map read at every tap: ``sum_t weights[:, :, t] * source``
-    added at each pixel's tap-t neighbour (the adjoint of the shifted views),
-    outside-the-map contributions dropped. ``source`` is ``(B, N, D, H, W)``."""
-    height, width = source.shape[-2:]
-    left, right, top, bottom = _pad_amounts(window, dilation)
-    grad_pad = source.new_zeros(source.shape[:-2] +
-                                (height + top + bottom, width + left + right))
-    for t, grad_t in enumerate(_shifted_views(grad_pad, height, width, window, dilation)):
-        grad_t.addcmul_(weights[:, :, t].unsqueeze(2), source)
-    return grad_pad[..., top:top + height, left:left + width]
-
-
-class LocalQK(torch.autograd.Function):
-    """``logits[b, n, t, i, j] = sum_d q[b, n, d, i, j] * k[b, n, d, (i, j) + tap t]``.
-
-    Keys outside the map read as zeros (the caller masks those taps).
-    Shapes: q, k ``(B, N, D, H, W)`` -> logits ``(B, N, kh * kw, H, W)``.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, window, dilation):
-        ctx.save_for_backward(query, key)
-        ctx.window, ctx.dilation = window, dilation
-        height, width = query.shape[-2:]
-        key_pad = F.pad(key, _pad_amounts(window, dilation))
-        logits = query.new_empty(query.shape[:2] + (window[0] * window[1], height, width))
-        for t, key_t in enumerate(_shifted_views(key_pad, height, width, window, dilation)):
-            torch.sum(query * key_t, dim=2, out=logits[:, :, t])
-        return logits
-
-    @staticmethod
-    def backward(ctx, grad_logits):
-        query, key = ctx.saved_tensors
-        window, dilation = ctx.window, ctx.dilation
-        height, width = query.shape[-2:]
-        grad_query = grad_key = None
-        if ctx.needs_input_grad[0]:
-            key_pad = F.pad(key, _pad_amounts(window, dilation))
-            grad_query = torch.zeros_like(query)
-            for t, key_t in enumerate(_shifted_views(key_pad, height, width, window, dilation)):
-                grad_query.addcmul_(grad_logits[:, :, t].unsqueeze(2), key_t)
-        if ctx.needs_input_grad[1]:
-            grad_key = _scatter_to_taps(grad_logits, query, window, dilation)
-        return grad_query, grad_key, None, None
-
-
-class LocalAV(torch.autograd.Function):
-    """``out[b, n, d, i, j] = sum_t attn[b, n, t, i, j] * v[b, n, d, (i, j) + tap t]``.
-
-    Values outside the map read as zeros.
-    Shapes: attn ``(B, N, kh * kw, H, W)``, v ``(B, N, D, H, W)`` -> out like v.
-    """
-
-    @staticmethod
-    def forward(ctx, attn, value, window, dilation):
-        ctx.save_for_backward(attn, value)
-        ctx.window, ctx.dilation = window, dilation
-        height, width = value.shape[-2:]
-        value_pad = F.pad(value, _pad_amounts(window, dilation))
-        out = torch.zeros_like(value)
-        for t, value_t in enumerate(_shifted_views(value_pad, height, width, window, dilation)):
-            out.addcmul_(attn[:, :, t].unsqueeze(2), value_t)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        attn, value = ctx.saved_tensors
-        window, dilation = ctx.window, ctx.dilation
-        height, width = value.shape[-2:]
-        grad_attn = grad_value = None
-        if ctx.needs_input_grad[0]:
-            value_pad = F.pad(value, _pad_amounts(window, dilation))
-            grad_attn = torch.empty_like(attn)
-            for t, value_t in enumerate(
-                    _shifted_views(value_pad, height, width, window, dilation)):
-                torch.sum(grad_out * value_t, dim=2, out=grad_attn[:, :, t])
-        if ctx.needs_input_grad[1]:
-            grad_value = _scatter_to_taps(attn, grad_out, window, dilation)
-        return grad_attn, grad_value, None, None
-
-
-def relative_logits(query: Tensor, rel_row: Tensor, rel_col: Tensor) -> Tensor:
-    """``q_ij . r_{a-i, b-j}`` for every tap, r = [row embedding, column embedding].
-
-    Args:
-        query (Tensor): ``(B, N, D, H, W)``.
-        rel_row (Tensor): ``(kh, N, Dr)``, one row-offset embedding per tap row.
-        rel_col (Tensor): ``(kw, N, Dc)``, with ``Dr + Dc == D``: each head's
-            channels are its row part then its column part.
-
-    Returns:
-        Tensor: ``(B, N, kh * kw, H, W)``.
-    """
-    dim_row = rel_row.shape[-1]
-    row = torch.einsum('bndhw,knd->bnkhw', query[:, :, :dim_row], rel_row.to(query.dtype))
-    col = torch.einsum('bndhw,knd->bnkhw', query[:, :, dim_row:], rel_col.to(query.dtype))
-    # (B, N, kh, 1, H, W) + (B, N, 1, kw, H, W) -> (B, N, kh * kw, H, W)
-    return (row.unsqueeze(3) + col.unsqueeze(2)).flatten(2, 3)
-
-
-def _masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
-    """Softmax over the taps (dim 2), absent neighbours excluded.
-
-    Computed in at least float32 (half-precision logits are upcast). The
-    centre tap always exists, so no pixel has every tap masked.
-    """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return logits.masked_fill(~mask, float('-inf')).softmax(dim=2)
-
-
-def local_attention(query: Tensor,
-                    key: Optional[Tensor],
-                    value: Tensor,
-                    window: Sequence[int],
-                    dilation: Sequence[int] = (1, 1),
-                    rel_row: Optional[Tensor] = None,
-                    rel_col: Optional[Tensor] = None,
-                    impl: str = 'auto',
-                    recompute_attention: bool = False) -> Tensor:
-    """Local multi-head self-attention (the default, fast paths).
-
-    Args:
-        query (Tensor): ``(B, N, D, H, W)``: N heads of D channels.
-        key (Tensor, optional): ``(B, N, D, H, W)``. None drops the content
-            term q.k from the logits (the paper's "q.r only" ablation).
-        value (Tensor): ``(B, N, Dv, H, W)``.
-        window (tuple[int]): taps ``(kh, kw)`` of the window.
-        dilation (tuple[int]): spacing of the taps.
-        rel_row, rel_col (Tensor, optional): relative embedding tables (see
-            :func:`relative_logits`); None drops the q.r term.
-        impl (str): 'auto', 'cpp' or 'torch' (see the module docstring).
-        recompute_attention (bool): keep no attention map for the backward
-            pass and recompute it there. Saves the map (``heads * k*k``
-            float32 numbers per pixel: about 6x a 64-channel input at k = 7
-            and 8 heads). The 'cpp' kernel recomputes the logits and softmax
-            (on CPU about the cost of writing and reading the map); the
-            'torch' path recomputes its whole forward (activation
-            checkpointing). Default: False.
-
-    Returns:
-        Tensor: ``(B, N, Dv, H, W)``, in the dtype of ``value``.
-    """
-    if key is None and rel_row is None:
-        raise ValueError('local_attention needs a key, relative tables, or both')
-    window, dilation = tuple(window), tuple(dilation)
+def resolve_backend(impl: str, device: torch.device) -> str:
+    """The backend that runs ``impl`` on ``device`` ('cpp', 'triton' or 'torch')."""
+    if impl not in IMPLS:
+        raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
     if impl == 'auto':
-        impl = 'cpp' if query.device.type == 'cpu' and cpu_kernel() is not None else 'torch'
-    if impl == 'cpp':
-        return _local_attention_cpp(query, key, value, window, dilation, rel_row, rel_col,
-                                    recompute_attention)
-    if impl != 'torch':
-        raise ValueError(f"impl must be 'auto', 'cpp' or 'torch', got {impl!r}")
-    if recompute_attention and torch.is_grad_enabled():
-        return checkpoint(_local_attention_torch, query, key, value, window, dilation,
-                          rel_row, rel_col, use_reentrant=False)
-    return _local_attention_torch(query, key, value, window, dilation, rel_row, rel_col)
+        if device.type == 'cpu' and cpu.KERNEL_BUILT:
+            return 'cpp'
+        if device.type == 'cuda' and TRITON_INSTALLED:
+            return 'triton'
+        return 'torch'
+    if impl == 'cpp' and (device.type != 'cpu' or not cpu.KERNEL_BUILT):
+        raise ValueError(f"impl='cpp' needs CPU tensors and the compiled kernel, got "
+                         f"{device.type} tensors (kernel built: {cpu.KERNEL_BUILT})")
+    if impl == 'triton':
+        if not TRITON_INSTALLED:
+            raise ValueError("impl='triton' needs triton installed (pip install triton)")
+        if device.type != 'cuda' and not (device.type == 'cpu' and TRITON_INTERPRETED):
+            raise ValueError(f"impl='triton' runs on CUDA tensors, or on CPU tensors with "
+                             f"TRITON_INTERPRET=1 set before import; got {device.type} tensors")
+    return impl
 
 
-def _local_attention_torch(query, key, value, window, dilation, rel_row, rel_col):
-    height, width = query.shape[-2:]
-    logits = None
-    if key is not None:
-        logits = LocalQK.apply(query, key, window, dilation)
+def _backend_module(backend: str):
+    if backend == 'cpp':
+        return cpu
+    if backend == 'triton':
+        return triton_backend()
+    if backend == 'torch':
+        return pytorch
+    raise ValueError(f"backend must be 'cpp', 'triton' or 'torch', got {backend!r}")
+
+
+def _check_inputs(query, key, value, rel_row, rel_col, window, dilation) -> None:
+    if query.dim() != 5:
+        raise ValueError(f'query must be (B, N, D, H, W), got shape {tuple(query.shape)}')
+    batch, heads, dim, height, width = query.shape
+    if key is not None and key.shape != query.shape:
+        raise ValueError(f'key must be shaped like query {tuple(query.shape)}, '
+                         f'got {tuple(key.shape)}')
+    if value.dim() != 5 or value.shape[:2] != query.shape[:2] or \
+            value.shape[3:] != query.shape[3:]:
+        raise ValueError(f'value must be (B, N, Dv, H, W) with B, N, H, W of query '
+                         f'{tuple(query.shape)}, got {tuple(value.shape)}')
+    if key is None and rel_row is None:
+        raise ValueError('local attention needs a key, relative tables, or both')
+    if (rel_row is None) != (rel_col is None):
+        raise ValueError('rel_row and rel_col go together')
     if rel_row is not None:
-        rel = relative_logits(query, rel_row, rel_col)
-        logits = rel if logits is None else logits + rel
-    mask = neighbourhood_mask(height, width, window, dilation, query.device)
-    attn = _masked_softmax(logits, mask).to(value.dtype)
-    return LocalAV.apply(attn, value, window, dilation)
+        kh, kw = window
+        if (rel_row.dim() != 3 or rel_col.dim() != 3 or rel_row.shape[:2] != (kh, heads)
+                or rel_col.shape[:2] != (kw, heads)
+                or rel_row.shape[2] + rel_col.shape[2] != dim):
+            raise ValueError(f'rel_row and rel_col must be (kh={kh}, N={heads}, Dr) and '
+                             f'(kw={kw}, N={heads}, Dc) with Dr + Dc = D = {dim}, got '
+                             f'{tuple(rel_row.shape)} and {tuple(rel_col.shape)}')
+    if len(window) != 2 or len(dilation) != 2 or min(*window, *dilation) < 1:
+        raise ValueError(f'window and dilation must be pairs of positive ints, got '
+                         f'{window} and {dilation}')
 
 
-_CPU_KERNEL = None
+# ---------------------------------------------------------------------------
+# The registered operator.
 
 
-def cpu_kernel():
-    """The compiled CPU kernel module, or None (with one warning) if absent."""
-    global _CPU_KERNEL
-    if _CPU_KERNEL is None:
-        try:
-            from . import _local_attention_cpu as module
-        except ImportError as error:
-            warnings.warn('sasa_mmdet: the compiled local-attention CPU kernel is not built '
-                          f'({error}); using the slower PyTorch path. Reinstall with '
-                          '`pip install -e . --no-build-isolation` to build it.')
-            module = False
-        _CPU_KERNEL = module
-    return _CPU_KERNEL or None
+@torch.library.custom_op('sasa_mmdet::local_attention', mutates_args=())
+def _local_attention_op(query: Tensor, key: Optional[Tensor], value: Tensor,
+                        rel_row: Optional[Tensor], rel_col: Optional[Tensor],
+                        window: Sequence[int], dilation: Sequence[int], backend: str,
+                        keep_attention: bool) -> Tuple[Tensor, Tensor]:
+    """Returns ``(out, saved)``: the attention output ``(B, N, Dv, H, W)``
+    in v's dtype, and what this backend's backward needs besides the inputs
+    and the output: the attention map ('cpp', 'torch'; empty unless
+    ``keep_attention``) or the softmax's log-sum-exp ('triton',
+    ``(B, N, H, W)`` float32)."""
+    out, saved = _backend_module(backend).forward(query, key, value, rel_row, rel_col,
+                                                  tuple(window), tuple(dilation),
+                                                  keep_attention)
+    return out.contiguous(), saved.contiguous()
 
 
-class FusedLocalAttention(torch.autograd.Function):
-    """The compiled kernel's forward and backward as one autograd function.
+def _saved_shape(query: Tensor, window, backend: str, keep_attention: bool) -> tuple:
+    batch, heads, _, height, width = query.shape
+    if backend == 'triton':
+        return (batch, heads, height, width)
+    if not keep_attention:
+        return (0,)
+    if backend == 'cpp':
+        return cpu.attention_map_shape(query, window)
+    return (batch, heads, window[0] * window[1], height, width)
 
-    Planar layout, the projection's own: q, k ``(B, N, D, H, W)``, v
-    ``(B, N, Dv, H, W)``, each channel an ``H x W`` plane with unit column
-    stride (views into one ``(B, 3C, H, W)`` projection need no copy);
-    rel_row ``(kh, N, Dr)`` and rel_col ``(kw, N, Dc)`` (the kernel adds the
-    q.r logits itself). Returns ``(B, N, Dv, H, W)``.
 
-    ``store_attention``: keep the attention map for the backward; without
-    it the backward recomputes the map (see :func:`local_attention`).
-    """
+@_local_attention_op.register_fake
+def _(query, key, value, rel_row, rel_col, window, dilation, backend, keep_attention):
+    _check_inputs(query, key, value, rel_row, rel_col, window, dilation)
+    saved_dtype = torch.float32 if backend == 'triton' else pytorch.compute_dtype(value.dtype)
+    return (value.new_empty(value.shape),
+            query.new_empty(_saved_shape(query, window, backend, keep_attention),
+                            dtype=saved_dtype))
 
-    @staticmethod
-    def forward(ctx, query, key, value, rel_row, rel_col, window, dilation,
-                store_attention):
-        out, attn = cpu_kernel().forward(query, key, value, rel_row, rel_col, *window,
-                                         *dilation, store_attention)
-        ctx.save_for_backward(query, key, value, rel_row, rel_col, attn)
-        ctx.geometry = (*window, *dilation)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, key, value, rel_row, rel_col, attn = ctx.saved_tensors
-        grad_query, grad_key, grad_value = _gradient_buffers(query, key, value)
-        grad_rel_row, grad_rel_col = cpu_kernel().backward(
-            grad_out, query, key, value, rel_row, rel_col, attn, grad_query, grad_key,
-            grad_value, *ctx.geometry)
-        return (grad_query, grad_key, grad_value, grad_rel_row, grad_rel_col, None, None,
-                None)
+@torch.library.custom_op('sasa_mmdet::local_attention_backward',
+                         mutates_args=('grad_query', 'grad_key', 'grad_value'))
+def _local_attention_backward_op(grad_out: Tensor, out: Tensor, saved: Tensor, query: Tensor,
+                                 key: Optional[Tensor], value: Tensor,
+                                 rel_row: Optional[Tensor], rel_col: Optional[Tensor],
+                                 window: Sequence[int], dilation: Sequence[int],
+                                 backend: str, grad_query: Tensor, grad_key: Optional[Tensor],
+                                 grad_value: Tensor) -> Tuple[Tensor, Tensor]:
+    """Writes the gradients of q, k and v into ``grad_query``, ``grad_key``
+    and ``grad_value`` (any initial content; they may be views into one
+    buffer) and returns those of ``rel_row`` and ``rel_col`` (empty without
+    tables)."""
+    grad_rel_row, grad_rel_col = _backend_module(backend).backward(
+        grad_out, out, saved, query, key, value, rel_row, rel_col, tuple(window),
+        tuple(dilation), grad_query, grad_key, grad_value)
+    if rel_row is None:
+        return query.new_empty(0), query.new_empty(0)
+    return (grad_rel_row.to(rel_row.dtype).contiguous(),
+            grad_rel_col.to(rel_col.dtype).contiguous())
+
+
+@_local_attention_backward_op.register_fake
+def _(grad_out, out, saved, query, key, value, rel_row, rel_col, window, dilation, backend,
+      grad_query, grad_key, grad_value):
+    if rel_row is None:
+        return query.new_empty(0), query.new_empty(0)
+    return rel_row.new_empty(rel_row.shape), rel_col.new_empty(rel_col.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, rel_row, rel_col, window, dilation, backend, _ = inputs
+    out, saved = output
+    ctx.save_for_backward(query, key, value, rel_row, rel_col, out, saved)
+    ctx.geometry = (tuple(window), tuple(dilation), backend)
+
+
+def _backward(ctx, grad_out, _grad_saved):
+    query, key, value, rel_row, rel_col, out, saved = ctx.saved_tensors
+    window, dilation, backend = ctx.geometry
+    grad_query, grad_key, grad_value = _gradient_buffers(query, key, value)
+    grad_rel_row, grad_rel_col = torch.ops.sasa_mmdet.local_attention_backward(
+        grad_out, out, saved, query, key, value, rel_row, rel_col, window, dilation, backend,
+        grad_query, grad_key, grad_value)
+    if rel_row is None:
+        grad_rel_row = grad_rel_col = None
+    return (grad_query, grad_key, grad_value, grad_rel_row, grad_rel_col, None, None, None,
+            None)
+
+
+_local_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Packed q, k, v: the layer's projection writes them into one buffer, and the
+# backward writes their gradients into one buffer of the same layout, so the
+# projection's backward needs no stacking copy.
 
 
 def _contiguous_strides(shape) -> tuple:
@@ -322,16 +223,18 @@ def _contiguous_strides(shape) -> tuple:
 
 def _packed(parts) -> Optional[Tensor]:
     """The contiguous ``(B, len(parts), ...)`` tensor whose slices along dim
-    1 are ``parts``, as a view of their memory; None if they do not lie so."""
+    1 are ``parts``, as a view of their memory; None if they do not lie so
+    (or have no memory to look at, as under ``torch.compile``)."""
     first = parts[0]
-    if any(p is None or p.shape != first.shape or p.dtype != first.dtype
-           or p.device != first.device for p in parts):
-        return None
+    if any(p is None or type(p) not in (Tensor, torch.nn.Parameter) or p.shape != first.shape
+           or p.dtype != first.dtype or p.device != first.device for p in parts):
+        return None  # also for fake and functional tensors (torch.compile's)
     shape = (first.shape[0], len(parts), *first.shape[1:])
     stride = _contiguous_strides(shape)
     part_stride = (stride[0], *stride[2:])
+    base = first.untyped_storage().data_ptr()
     for i, p in enumerate(parts):
-        if (p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        if (p.untyped_storage().data_ptr() != base
                 or p.storage_offset() != first.storage_offset() + i * stride[1]
                 or any(s != want for s, want, size in zip(p.stride(), part_stride, p.shape)
                        if size > 1)):
@@ -340,11 +243,12 @@ def _packed(parts) -> Optional[Tensor]:
 
 
 def _gradient_buffers(query, key, value) -> tuple:
-    """Empty gradients of q, k, v for the kernel to fill. When q, k, v are the
-    slices of one projection, so are their gradients (see
+    """Empty gradients of q, k, v for the backward op to fill. When q, k, v
+    are the slices of one projection, so are their gradients (see
     :func:`split_projections`)."""
     if _packed((query, key, value)) is not None:
-        return torch.empty((query.shape[0], 3, *query.shape[1:]), dtype=query.dtype).unbind(1)
+        return torch.empty((query.shape[0], 3, *query.shape[1:]), dtype=query.dtype,
+                           device=query.device).unbind(1)
     return tuple(None if t is None else t.new_empty(t.shape) for t in (query, key, value))
 
 
@@ -367,73 +271,69 @@ class _SplitProjections(torch.autograd.Function):
 def split_projections(stacked: Tensor) -> Tuple[Tensor, ...]:
     """``stacked.unbind(1)``, e.g. q, k, v out of one ``(B, 3, ...)``
     projection, whose backward takes gradients that already lie in one
-    buffer of ``stacked``'s layout (as the CPU kernel writes them) as they
-    are, instead of stacking them into a copy: one projection-sized
-    allocation and copy less per backward pass."""
+    buffer of ``stacked``'s layout (as the operator's backward writes them)
+    as they are, instead of stacking them into a copy: one projection-sized
+    allocation and copy less per backward pass. Under ``torch.compile`` it
+    is a plain ``unbind`` (the compiler plans the memory itself)."""
+    if torch.compiler.is_compiling():
+        return stacked.unbind(1)
     return _SplitProjections.apply(stacked)
 
 
-def _planar(t: Tensor, dtype) -> Tensor:
-    """``t`` in ``dtype`` with unit column stride (what the kernel reads),
-    copying only if needed."""
-    t = t.to(dtype)
-    return t if t.stride(-1) == 1 else t.contiguous()
+# ---------------------------------------------------------------------------
+# The functional entry point.
 
 
-def _local_attention_cpp(query, key, value, window, dilation, rel_row, rel_col,
-                         recompute_attention):
-    if query.device.type != 'cpu' or cpu_kernel() is None:
-        raise ValueError("impl='cpp' needs CPU tensors and the compiled kernel")
-    dtype = torch.promote_types(value.dtype, torch.float32)  # softmax in >= float32
-    if rel_row is not None:
-        rel_row, rel_col = rel_row.to(dtype).contiguous(), rel_col.to(dtype).contiguous()
-    inputs = (query, key, value, rel_row, rel_col)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in inputs)
-    out = FusedLocalAttention.apply(
-        _planar(query, dtype), None if key is None else _planar(key, dtype),
-        _planar(value, dtype), rel_row, rel_col, window, dilation,
-        needs_grad and not recompute_attention)
-    return out.to(value.dtype)
+def local_attention(query: Tensor,
+                    key: Optional[Tensor],
+                    value: Tensor,
+                    window: Sequence[int],
+                    dilation: Sequence[int] = (1, 1),
+                    rel_row: Optional[Tensor] = None,
+                    rel_col: Optional[Tensor] = None,
+                    impl: str = 'auto',
+                    recompute_attention: bool = False) -> Tensor:
+    """Local multi-head self-attention.
 
+    Args:
+        query (Tensor): ``(B, N, D, H, W)``: N heads of D channels.
+        key (Tensor, optional): ``(B, N, D, H, W)``. None drops the content
+            term q.k from the logits (the paper's "q.r only" ablation).
+        value (Tensor): ``(B, N, Dv, H, W)``.
+        window (tuple[int]): taps ``(kh, kw)`` of the window.
+        dilation (tuple[int]): spacing of the taps.
+        rel_row, rel_col (Tensor, optional): relative embedding tables
+            ``(kh, N, Dr)`` and ``(kw, N, Dc)``, ``Dr + Dc = D`` (each head's
+            channels: its row part, then its column part); None drops the
+            q.r term.
+        impl (str): 'auto', 'cpp', 'triton' or 'torch' (module docstring).
+        recompute_attention (bool): keep no attention map for the backward
+            pass and recompute it there. Saves the map (``heads * k*k``
+            float32 numbers per pixel: about 6x a 64-channel input at k = 7
+            and 8 heads). The 'cpp' kernel and the 'torch' path recompute
+            the logits and softmax in backward; the 'triton' kernels never
+            keep the map (they keep one log-sum-exp per pixel and head and
+            always recompute), so for them the option changes nothing.
+            Default: False.
 
-def _unfold_window(x: Tensor, window, dilation) -> Tensor:
-    """``(B, N, D, H, W)`` -> ``(B, N, D, kh * kw, H, W)``, zeros outside."""
-    batch, heads, dim, height, width = x.shape
-    x = F.pad(x.flatten(1, 2), _pad_amounts(window, dilation))
-    cols = F.unfold(x, window, dilation=dilation)
-    return cols.view(batch, heads, dim, window[0] * window[1], height, width)
+    Returns:
+        Tensor: ``(B, N, Dv, H, W)``, in the dtype of ``value``.
 
-
-def local_attention_reference(query: Tensor,
-                              key: Optional[Tensor],
-                              value: Tensor,
-                              window: Sequence[int],
-                              dilation: Sequence[int] = (1, 1),
-                              rel_row: Optional[Tensor] = None,
-                              rel_col: Optional[Tensor] = None) -> Tensor:
-    """Local multi-head self-attention by unfolding the window (reference).
-
-    Same arguments and result as :func:`local_attention`; written to be
-    read, not to be fast: K and V are copied once per window tap.
+    Example:
+        >>> q = k = v = torch.rand(2, 4, 8, 9, 10)
+        >>> local_attention(q, k, v, (7, 7)).shape
+        torch.Size([2, 4, 8, 9, 10])
     """
     window, dilation = tuple(window), tuple(dilation)
-    batch, heads, dim, height, width = query.shape
-    taps = window[0] * window[1]
-    logits = query.new_zeros(batch, heads, taps, height, width)
-    if key is not None:
-        keys = _unfold_window(key, window, dilation)  # (B, N, D, taps, H, W)
-        logits = logits + (query.unsqueeze(3) * keys).sum(dim=2)
-    if rel_row is not None:
-        # r for tap (ty, tx) = [rel_row[ty], rel_col[tx]] per head.
-        r = torch.cat([rel_row[:, None].expand(-1, window[1], -1, -1),
-                       rel_col[None, :].expand(window[0], -1, -1, -1)], dim=-1)
-        r = r.flatten(0, 1).to(query.dtype)  # (taps, N, D)
-        logits = logits + torch.einsum('bndhw,tnd->bnthw', query, r)
-    # A tap exists where an all-ones image, zero-padded, reads 1.
-    ones = query.new_ones(1, 1, 1, height, width)
-    exists = _unfold_window(ones, window, dilation)[0, 0, 0] > 0  # (taps, H, W)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    attn = logits.masked_fill(~exists, float('-inf')).softmax(dim=2)
-    values = _unfold_window(value, window, dilation)  # (B, N, Dv, taps, H, W)
-    return (attn.to(value.dtype).unsqueeze(2) * values).sum(dim=3)
+    _check_inputs(query, key, value, rel_row, rel_col, window, dilation)
+    if torch.onnx.is_in_onnx_export():
+        # Standard operators only: no custom op in the exported graph.
+        return pytorch.forward(query, key, value, rel_row, rel_col, window, dilation,
+                               False)[0]
+    backend = resolve_backend(impl, query.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, rel_row, rel_col))
+    keep_attention = needs_grad and not recompute_attention and backend != 'triton'
+    out, _ = torch.ops.sasa_mmdet.local_attention(query, key, value, rel_row, rel_col,
+                                                  window, dilation, backend, keep_attention)
+    return out

@@ -459,6 +459,9 @@ void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar
           const V inv = w.attention(j0);
           if (attn) {
             scalar_t* m = map_block(attn, g, row, n, j0);
+            // Tap rows outside the image hold zeros: the map is defined
+            // everywhere (what torch.compile and opcheck compare).
+            if (int64_t(w.rows.size()) < g.kh) std::fill(m, m + g.taps() * L, scalar_t(0));
             for (int64_t r = 0; r < int64_t(w.rows.size()); ++r)
               for (int64_t x = 0; x < g.kw; ++x)
                 store(m + (w.rows[r] * g.kw + x) * L, w.S[r * g.kw + x] * inv);
@@ -856,6 +859,9 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused local multi-head self-attention (CPU)";
   m.def("forward", &forward, "local attention forward: (out, attn or undefined)");
+  m.def(
+      "lanes", [](bool is_double) { return is_double ? Simd<double>::L : Simd<float>::L; },
+      "pixels per vector register: the stored map's rows are padded to a multiple");
   m.def("backward", &backward,
         "local attention backward: writes grad_q, grad_k, grad_v; returns "
         "(grad_rel_row, grad_rel_col)");
