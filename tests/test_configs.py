@@ -18,7 +18,18 @@ ALL_FILES = sorted(
     osp.relpath(path, CONFIG_DIR)
     for path in glob.glob(osp.join(CONFIG_DIR, '**', '*.py'), recursive=True))
 BASES = [name for name in ALL_FILES if name.startswith('_base_')]
-CONFIGS = [name for name in ALL_FILES if not name.startswith('_base_')]
+# mmpretrain classifier configs (configs/imagenet/, the pretraining demo's)
+# are tested in tests/test_configs_imagenet.py and
+# tests/test_models/test_pretrained_handoff.py
+CLASSIFIERS = [
+    name for name in ALL_FILES
+    if name.startswith('imagenet' + osp.sep) or name.endswith(
+        '_shape-classes.py')
+]
+CONFIGS = [
+    name for name in ALL_FILES
+    if not name.startswith('_base_') and name not in CLASSIFIERS
+]
 
 
 def load(name):
@@ -39,6 +50,8 @@ def count(module):
 
 def test_config_files_found():
     assert 'retinanet_sasa_r50_fpn.py' in CONFIGS
+    assert all(load(name).default_scope == 'mmpretrain'
+               for name in CLASSIFIERS)
     assert len(CONFIGS) >= 5 + 8
     assert BASES
 
