@@ -18,9 +18,13 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def mmdet_default_scope():
     """Every test starts in MMDetection's registry scope, whatever scope an
-    earlier test's Runner left current (as mmdet's own tests do)."""
-    from mmdet.utils import register_all_modules
-    register_all_modules(init_default_scope=True)
+    earlier test's Runner left current (as mmdet's own tests do). Without
+    mmdet (tools/gpu_check.sh on a bare GPU machine) only the layer tests
+    run, and need no scope."""
+    import importlib.util
+    if importlib.util.find_spec('mmdet') is not None:
+        from mmdet.utils import register_all_modules
+        register_all_modules(init_default_scope=True)
     import sasa_mmdet  # noqa: F401
 
 

@@ -23,6 +23,18 @@ see ``TRAINED_LIKE_ATTENTION``); ``--levers`` adds the attention models
 with each memory lever (``with_cp`` or ``recompute_attention`` in every
 attention layer).
 
+On a GPU (``--device cuda``) every case runs in one process: time is the
+median of ``--repeats`` passes timed with CUDA events after two warm-up
+passes (Triton and FlexAttention compile there), memory is
+``torch.cuda.max_memory_allocated`` during one pass minus the memory
+allocated before it ("extra MB"). Layer cases: forward + backward at the
+ResNet-50, FPN and head shapes of a 640x640 image (batch 8) and a 1333x800
+image (batch 2), in float32 and in bfloat16 (autocast), beside cuDNN's 3x3
+convolution: the Triton kernels ('triton'), the per-offset PyTorch path
+('torch') and, where the head width is at least 16, FlexAttention with an
+exact SASA mask and a q.r score_mod ('flex'). ``--models`` (needs mmdet and
+mmcv's CUDA ops) adds a training step of each Table 2 model.
+
 Examples::
 
     python tools/benchmark.py                       # the issue's layer shapes
@@ -31,6 +43,8 @@ Examples::
     python tools/benchmark.py --no-layers --models --levers  # + memory levers
     python tools/benchmark.py --shapes 64,56,56 128,28,28  # shapes of your own
     python tools/benchmark.py --out work_dirs/benchmark  # JSON + PNG there
+    python tools/benchmark.py --device cuda          # GPU: layers, fp32 and bf16
+    python tools/benchmark.py --device cuda --models --no-layers
 """
 import argparse
 import json
@@ -54,6 +68,10 @@ PRESETS = {
     'fpn-head-640': [(256, 80, 80), (256, 40, 40), (256, 20, 20), (256, 10, 10), (256, 5, 5)],
     'fpn-head-1333': [(256, 100, 167), (256, 50, 84), (256, 25, 42), (256, 13, 21), (256, 7, 11)],
 }
+
+# GPU layer cases: (batch, preset) as a detector trains them.
+CUDA_PRESETS = {'resnet50-640': 8, 'fpn-head-640': 8, 'resnet50-1333': 2, 'fpn-head-1333': 2}
+CUDA_IMPLS = ['triton', 'torch', 'flex']
 
 TABLE2 = [
     ('conv baseline', 'configs/retinanet_r50_fpn_conv-baseline.py'),
@@ -173,6 +191,212 @@ def _run_model_case(case: dict) -> dict:
     return _measure(step, case['repeats'], case['memory'])
 
 
+def flex_local_attention(query, key, value, window, dilation, rel_row, rel_col):
+    """FlexAttention computing exactly the SASA layer's attention: a block
+    mask of each pixel's window (raster order over the flattened map) and a
+    score_mod adding q.r. Same arguments and result as
+    :func:`sasa_mmdet.layers.local_attention` (q.k + q.r, relative tables).
+    A peer to measure against, not a backend: it needs head widths of at
+    least 16 on GPUs and has no backward on CPU."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    batch, heads, dim, height, width = query.shape
+    (kh, kw), (dh, dw) = window, dilation
+    top, left = (kh - 1) // 2, (kw - 1) // 2
+
+    def tokens(t):  # (B, N, D, H, W) -> (B, N, H * W, D)
+        return t.flatten(3).transpose(2, 3)
+
+    q = tokens(query)
+    dim_row = rel_row.shape[-1]
+    # q . rel_row[ty] and q . rel_col[tx] for every query: (B, N, H * W, kh | kw)
+    row_logits = torch.einsum('bnpd,knd->bnpk', q[..., :dim_row], rel_row.to(q.dtype))
+    col_logits = torch.einsum('bnpd,knd->bnpk', q[..., dim_row:], rel_col.to(q.dtype))
+
+    def taps(q_idx, kv_idx):
+        dy = kv_idx // width - q_idx // width
+        dx = kv_idx % width - q_idx % width
+        ty, tx = dy // dh + top, dx // dw + left
+        inside = ((dy % dh == 0) & (dx % dw == 0) & (ty >= 0) & (ty < kh) & (tx >= 0)
+                  & (tx < kw))
+        return ty.clamp(0, kh - 1), tx.clamp(0, kw - 1), inside
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return taps(q_idx, kv_idx)[2]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        ty, tx, _ = taps(q_idx, kv_idx)
+        return score + row_logits[b, h, q_idx, ty] + col_logits[b, h, q_idx, tx]
+
+    length = height * width
+    block_mask = create_block_mask(mask_mod, None, None, length, length, device=query.device)
+    attend = flex_attention
+    if query.device.type == 'cuda':
+        attend = _compiled_flex_attention()
+    out = attend(q, tokens(key), tokens(value), score_mod=score_mod, block_mask=block_mask,
+                 scale=1.0)
+    return out.transpose(2, 3).reshape(batch, heads, value.shape[2], height, width)
+
+
+_COMPILED_FLEX = None
+
+
+def _compiled_flex_attention():
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        import torch
+        from torch.nn.attention.flex_attention import flex_attention
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def _flex_layer_class():
+    from sasa_mmdet.layers import LocalSelfAttention2d
+
+    class FlexLocalSelfAttention2d(LocalSelfAttention2d):
+        """The layer with its attention run by FlexAttention (benchmark peer)."""
+
+        def attend(self, query, key, value, recompute_attention=None):
+            return flex_local_attention(query, key, value, self.window_size, self.dilation,
+                                        self.rel_row, self.rel_col)
+
+    return FlexLocalSelfAttention2d
+
+
+def _measure_cuda(step, repeats: int) -> dict:
+    """Median time of ``repeats`` passes (CUDA events) after two warm-up
+    passes, and the memory one pass allocates beyond what is live before it."""
+    import torch
+    step()
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return dict(time_s=statistics.median(times), extra_mb=(peak - before) / 2**20,
+                peak_mb=peak / 2**20)
+
+
+def _run_cuda_layer_case(case: dict) -> dict:
+    import torch
+
+    from sasa_mmdet.layers import LocalSelfAttention2d
+    batch, (channels, height, width) = case['batch'], case['shape']
+    op = case['op']
+    if op == 'conv3x3':
+        layer = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    else:
+        impl = op.split(':')[1]
+        cls = _flex_layer_class() if impl == 'flex' else LocalSelfAttention2d
+        layer = cls(channels, channels, 3, padding=1, window_size=7, num_heads=8,
+                    impl='auto' if impl == 'flex' else impl)
+    layer = layer.cuda()
+    x = torch.randn(batch, channels, height, width, device='cuda', requires_grad=True)
+    dtype = getattr(torch, case['dtype'])
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+            out = layer(x)
+        out.float().sum().backward()
+
+    return _measure_cuda(step, case['repeats'])
+
+
+def _cuda_layer_rows(args) -> list:
+    """Every layer case beside cuDNN's convolution of the same shape, batch
+    and dtype; a case that fails (e.g. out of memory) is reported, not fatal."""
+    import torch
+    rows = []
+    presets = args.preset or list(CUDA_PRESETS)
+    impls = args.impls if args.impls_given else CUDA_IMPLS
+    for preset in presets:
+        batch = CUDA_PRESETS.get(preset, 1)
+        for shape in PRESETS[preset]:
+            for dtype in args.dtypes:
+                case = dict(kind='layer', batch=batch, shape=shape, dtype=dtype,
+                            repeats=args.repeats)
+                base = _run_cuda_layer_case(dict(case, op='conv3x3'))
+                for impl in impls:
+                    label = f'{impl} {dtype} {batch}x{shape}'
+                    row = dict(kind='layer', label=label, shape=shape, batch=batch, dtype=dtype,
+                               impl=f'{impl} {dtype}', preset=preset,
+                               conv_time_s=base['time_s'], conv_extra_mb=base['extra_mb'])
+                    if impl == 'flex' and shape[0] // 8 < 16:
+                        continue  # FlexAttention needs head widths of at least 16
+                    try:
+                        row.update(_run_cuda_layer_case(dict(case, op=f'attention:{impl}')))
+                    except Exception as error:  # noqa: BLE001  (out of memory, no backward, ...)
+                        row['error'] = f'{type(error).__name__}: {error}'.splitlines()[0][:200]
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(f'  {label}: ' + (row['error'] if 'error' in row else
+                                            f"{row['time_s'] * 1e3:.2f} ms, conv "
+                                            f"{row['conv_time_s'] * 1e3:.2f} ms"), flush=True)
+    return rows
+
+
+def _run_cuda_model_case(case: dict) -> dict:
+    import torch
+    from mmengine.config import Config
+    from mmdet.registry import MODELS
+    from mmdet.testing import demo_mm_inputs
+    from mmdet.utils import register_all_modules
+
+    import sasa_mmdet  # noqa: F401
+    register_all_modules()
+    cfg = Config.fromfile(osp.join(ROOT, case['config']))
+    cfg.merge_from_dict(case.get('cfg_options') or {})
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model).cuda()
+    model.init_weights()
+    size, batch = case['image_size'], case['batch']
+    packed = demo_mm_inputs(batch, [[3, size, size]] * batch, num_items=[5] * batch)
+    data = model.data_preprocessor(packed, training=True)
+    data = dict(inputs=data['inputs'].cuda(),
+                data_samples=[sample.cuda() for sample in data['data_samples']])
+    model.train()
+    optim = torch.optim.SGD(model.parameters(), lr=1e-4)
+    dtype = getattr(torch, case['dtype'])
+
+    def step():
+        optim.zero_grad(set_to_none=True)
+        with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+            losses = model(**data, mode='loss')
+        sum(v.sum() if not isinstance(v, list) else sum(v) for v in losses.values()).backward()
+        optim.step()
+
+    return _measure_cuda(step, case['repeats'])
+
+
+def _cuda_model_rows(args, models) -> list:
+    rows = []
+    for dtype in args.dtypes:
+        base = None
+        for name, config, options, _ in models:
+            case = dict(config=config, cfg_options=options, image_size=args.image_size,
+                        batch=args.batch, dtype=dtype, repeats=args.repeats)
+            result = _run_cuda_model_case(case)
+            base = base or result
+            rows.append(dict(kind='model', label=f'train {dtype} {name}', config=config,
+                             mode='train', impl=dtype, dtype=dtype, cfg_options=options,
+                             conv_time_s=base['time_s'], conv_extra_mb=base['extra_mb'],
+                             conv_peak_mb=base['peak_mb'], **result))
+            print(f"  {rows[-1]['label']}: {result['time_s'] * 1e3:.1f} ms", flush=True)
+    return rows
+
+
 def _run_child(case: dict) -> dict:
     """Time in one subprocess, memory in another (see the module docstring)."""
     result = {}
@@ -239,9 +463,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--preset', action='append', choices=sorted(PRESETS),
                         help='layer shape presets (default: issue)')
-    parser.add_argument('--impls', nargs='+', default=['cpp', 'cpp-recompute', 'torch'],
-                        help="attention implementations to time; '-recompute' appended "
-                        'means recompute_attention=True')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
+                        help='cpu (default) or cuda (see the module docstring)')
+    parser.add_argument('--impls', nargs='+',
+                        help="attention implementations to time (CPU default: cpp "
+                        "cpp-recompute torch, '-recompute' meaning recompute_attention=True; "
+                        'CUDA default: triton torch flex)')
+    parser.add_argument('--dtypes', nargs='+', choices=['float32', 'bfloat16', 'float16'],
+                        default=['float32', 'bfloat16'],
+                        help='CUDA only: dtypes (bfloat16/float16 under autocast)')
+    parser.add_argument('--batch', type=int, default=8,
+                        help='CUDA only: images per training step of the models (default 8)')
     parser.add_argument('--shapes', nargs='+', metavar='C,H,W',
                         help='layer shapes of your own (instead of the presets)')
     parser.add_argument('--models', action='store_true', help='also time the Table 2 models')
@@ -258,8 +490,17 @@ def main():
                         help='torch threads in each case (default: torch decides)')
     parser.add_argument('--out', default='work_dirs/benchmark',
                         help='folder for benchmark.json and benchmark.png')
+    parser.add_argument('--plot', metavar='JSON',
+                        help='only draw benchmark.png (beside it) from a benchmark.json')
     parser.add_argument('--case', help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.plot:
+        with open(args.plot) as f:
+            rows = json.load(f)['rows']
+        _plot(rows, osp.join(osp.dirname(args.plot), 'benchmark.png'))
+        print(f'wrote {osp.join(osp.dirname(args.plot), "benchmark.png")}')
+        return
 
     if args.case:  # child process
         case = json.loads(args.case)
@@ -270,6 +511,17 @@ def main():
         print(json.dumps(run(case)))
         return
 
+    args.impls_given = args.impls is not None
+    if args.impls is None:
+        args.impls = CUDA_IMPLS if args.device == 'cuda' else ['cpp', 'cpp-recompute', 'torch']
+    if args.device == 'cuda':
+        import torch
+        if not torch.cuda.is_available():
+            parser.error('--device cuda: torch sees no CUDA device on this machine')
+        if args.shapes:
+            parser.error('--device cuda measures the presets (--preset); --shapes is CPU only')
+    elif args.dtypes != ['float32', 'bfloat16']:
+        parser.error('--dtypes is CUDA only (the CPU benchmark runs float32)')
     if args.shapes:
         try:
             shapes = [tuple(int(v) for v in s.split(',')) for s in args.shapes]
@@ -296,7 +548,12 @@ def main():
                    if not args.configs or lever[1] in args.configs]
 
     rows = []
-    if not args.no_layers:
+    if args.device == 'cuda':
+        if not args.no_layers:
+            rows += _cuda_layer_rows(args)
+        if args.models:
+            rows += _cuda_model_rows(args, [m for m in models if not m[3] or m[2]])
+    elif not args.no_layers:
         for shape in dict.fromkeys(shapes):
             base = _run_child(dict(kind='layer', op='conv3x3', shape=shape,
                                    repeats=args.repeats, threads=args.threads))
@@ -306,7 +563,7 @@ def main():
                 rows.append(dict(kind='layer', label=f'{impl} {shape}', shape=shape, impl=impl,
                                  conv_time_s=base['time_s'], conv_extra_mb=base['extra_mb'],
                                  **result))
-    if args.models:
+    if args.models and args.device == 'cpu':
         for mode in ('train', 'infer'):
             base = None
             for name, config, options, train_only in models:
@@ -321,6 +578,8 @@ def main():
                                  conv_extra_mb=base['extra_mb'],
                                  conv_peak_mb=base['peak_mb'], **result))
     for r in rows:
+        if 'error' in r:
+            continue
         r['time_ratio'] = r['time_s'] / r['conv_time_s']
         r['memory_ratio'] = r['extra_mb'] / max(r['conv_extra_mb'], 1.0)
         if r['kind'] == 'model':
@@ -331,6 +590,9 @@ def main():
     print(header)
     print('-' * len(header))
     for r in rows:
+        if 'error' in r:
+            print(f"{r['label']:<52} failed: {r['error']}")
+            continue
         peak = (f" {r['peak_mb']:>8.0f} {r['peak_ratio']:>7.2f}"
                 if r['kind'] == 'model' else '')
         print(f"{r['label']:<52} {r['time_s']:>8.3f} {r['conv_time_s']:>8.3f} "
@@ -338,12 +600,21 @@ def main():
               f"{r['memory_ratio']:>6.2f}{peak}")
     os.makedirs(args.out, exist_ok=True)
     import torch
-    meta = dict(torch=torch.__version__, threads=args.threads or torch.get_num_threads(),
-                cpus=os.cpu_count(), repeats=args.repeats, image_size=args.image_size)
+    meta = dict(torch=torch.__version__, device=args.device,
+                threads=args.threads or torch.get_num_threads(), cpus=os.cpu_count(),
+                repeats=args.repeats, image_size=args.image_size)
+    if args.device == 'cuda':
+        import triton
+        meta.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__,
+                    cuda=torch.version.cuda, batch=args.batch)
     with open(osp.join(args.out, 'benchmark.json'), 'w') as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    if rows:
-        _plot(rows, osp.join(args.out, 'benchmark.png'))
+    if any('time_ratio' in r for r in rows):
+        try:
+            _plot(rows, osp.join(args.out, 'benchmark.png'))
+        except ImportError:  # a bare GPU machine: draw it later with --plot
+            print('matplotlib is not installed: no benchmark.png (draw it elsewhere with '
+                  f'`python tools/benchmark.py --plot {osp.join(args.out, "benchmark.json")}`)')
     print(f'wrote {osp.join(args.out, "benchmark.json")} and benchmark.png')
 
 

@@ -103,8 +103,10 @@ PIN=(-c "$CONSTRAINTS")
 
 say "installing build tools and torch $TORCH_VERSION with torchvision (about 1 minute; 5.5 GB)"
 "${PIP[@]}" install -q --upgrade pip wheel ninja "$(grep '^setuptools' "$ROOT/requirements/runtime.txt")"
+step_start=$SECONDS
 "${PIP[@]}" install -q "${PIN[@]}" torch torchvision \
   || die "could not install torch $TORCH_VERSION and torchvision (requirements/constraints.txt)"
+say "torch and torchvision ready in $((SECONDS - step_start)) s"
 
 mkdir -p "$WHEELS"
 MMCV_WHEEL="$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
@@ -147,9 +149,11 @@ else
 fi
 
 say "installing mmcv, mmengine, mmdet, mmpretrain, pycocotools, onnxruntime, test tools and sasa_mmdet (editable)"
+step_start=$SECONDS
 "${PIP[@]}" install -q "${PIN[@]}" "$MMCV_WHEEL" -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
 "${PIP[@]}" check || die "pip check found broken requirements"
+say "installed in $((SECONDS - step_start)) s"
 # With transformers installed beside pycocotools, mmpretrain turns on its
 # multimodal imports (and their downloads): keep it out.
 if "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("transformers") is None)'; then

@@ -3,12 +3,16 @@
 Times are not asserted (no wall-clock thresholds in tests); the structure
 and the ratios' arithmetic are.
 """
+import importlib.util
 import json
 import os.path as osp
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from sasa_mmdet.layers import local_attention_reference
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 BENCHMARK = osp.join(ROOT, 'tools', 'benchmark.py')
@@ -52,11 +56,38 @@ def test_layers_and_models_beside_the_convolution(tmp_path):
         assert r['label'] in proc.stdout
 
 
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location('benchmark', BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('window,dilation,size', [
+    ((3, 3), (1, 1), (5, 7)), ((4, 5), (2, 1), (6, 9)), ((7, 7), (1, 1), (3, 4))])
+def test_flex_attention_peer_is_exactly_the_sasa_layer(window, dilation, size):
+    """The GPU benchmark's FlexAttention peer (block mask of the window,
+    q.r as a score_mod) computes the reference's attention (eager, CPU)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, *size) for _ in range(3))
+    rel_row, rel_col = torch.randn(window[0], 2, 2), torch.randn(window[1], 2, 2)
+    out = _benchmark_module().flex_local_attention(q, k, v, window, dilation, rel_row, rel_col)
+    torch.testing.assert_close(
+        out, local_attention_reference(q, k, v, window, dilation, rel_row, rel_col))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message without a GPU')
+def test_cuda_benchmark_without_a_gpu_says_so():
+    proc = _run('--device', 'cuda')
+    assert proc.returncode == 2 and 'sees no CUDA device' in proc.stderr
+
+
 @pytest.mark.parametrize('args,message', [
     (['--shapes', '16,9'], 'C,H,W'),
     (['--shapes', '16,0,4'], 'C,H,W'),
     (['--shapes', '16,8,8', '--preset', 'issue'], 'exclude'),
     (['--models', '--configs', 'configs/nope.py'], 'not among the Table 2 configs'),
+    (['--dtypes', 'bfloat16'], 'CUDA only'),
 ])
 def test_bad_arguments_are_named(args, message):
     proc = _run(*args)
