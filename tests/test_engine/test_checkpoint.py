@@ -74,6 +74,49 @@ def test_plain_mmengine_checkpoint_is_refused_by_name(tmp_path):
             in info.value.unsafe_globals)
 
 
+def test_mmengine_alone_cannot_load_its_own_checkpoints_on_this_torch(tmp_path):
+    """Why the weights-only loader and SafeCheckpointHook exist: mmengine
+    0.10.7's own local loader calls ``torch.load`` with torch's default
+    ``weights_only`` (True since torch 2.6), which refuses the
+    HistoryBuffers and numpy values mmengine itself writes into
+    ``message_hub``, so ``--resume`` fails (measured on torch 2.14.1).
+    If this test fails, mmengine or torch changed and the workaround may no
+    longer be needed."""
+    import pickle
+
+    from mmengine.runner import checkpoint as mmengine_checkpoint
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from sasa_mmdet.engine import checkpoint as ours
+    from sasa_mmdet.engine import load_weights_only
+
+    # the runner's local scheme is ours, mmengine's own function is still there
+    assert CheckpointLoader._schemes[''] is ours.load_from_local
+    assert mmengine_checkpoint.load_from_local is not ours.load_from_local
+
+    _train(str(tmp_path / 'plain'), max_epochs=1, safe=False)
+    plain = str(tmp_path / 'plain' / 'epoch_1.pth')
+    for load in (torch.load,
+                 lambda f: mmengine_checkpoint.load_from_local(f, None)):
+        with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):
+            load(plain)
+    # the file itself is fine: only the weights-only default refuses it
+    # (our own file, so unpickling it in full is safe here)
+    full = torch.load(plain, weights_only=False)
+    assert isinstance(full['message_hub']['log_scalars']['train/loss'],
+                      HistoryBuffer)
+
+    # with SafeCheckpointHook the same run writes a file that torch's
+    # default, mmengine's own loader and ours all load
+    _train(str(tmp_path / 'safe'), max_epochs=1)
+    safe = str(tmp_path / 'safe' / 'epoch_1.pth')
+    for load in (torch.load, load_weights_only,
+                 lambda f: mmengine_checkpoint.load_from_local(f, None)):
+        loaded = load(safe)
+        assert torch.equal(loaded['state_dict']['linear.weight'],
+                           full['state_dict']['linear.weight'])
+
+
 @pytest.mark.parametrize('zipfile', [True, False])
 def test_checkpoint_with_code_is_refused(tmp_path, zipfile):
     marker = tmp_path / 'code_ran'
