@@ -1,0 +1,102 @@
+"""onnxruntime CPU latency of ONNX files, measured side by side in one run.
+
+Each file gets its own ``InferenceSession`` (CPU execution provider, all
+graph optimisations); after ``--warmup`` runs each, the files are run in
+turn, round after round, on the same random input of their own input shape,
+so that a change of machine load touches them alike. Prints the median and
+the 10th/90th percentiles per file and the ratio of medians to the first
+file; ``--json`` also writes them.
+
+Example::
+
+    python tools/deployment/onnx_latency.py \
+        work_dirs/onnx/retinanet_r-tiny_shapes.onnx \
+        work_dirs/onnx/retinanet_sasa-tiny_shapes.onnx --repeats 50
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+import time
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='onnxruntime CPU latency of ONNX files, side by side')
+    parser.add_argument('files', nargs='+', help='ONNX files (the first is the reference)')
+    parser.add_argument('--repeats', type=int, default=50, help='timed runs per file')
+    parser.add_argument('--warmup', type=int, default=5, help='untimed runs per file')
+    parser.add_argument('--shape', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                        help='input H W for files with a dynamic input size '
+                        '(default: the static size, else 640 640)')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='onnxruntime intra-op threads (0: its default)')
+    parser.add_argument('--json', default=None, help='also write the results here')
+    args = parser.parse_args(argv)
+    for name in ('repeats', 'warmup'):
+        if getattr(args, name) < (1 if name == 'repeats' else 0):
+            parser.error(f'--{name} must be >= {1 if name == "repeats" else 0}, '
+                         f'got {getattr(args, name)}')
+    missing = [f for f in args.files if not osp.isfile(f)]
+    if missing:
+        parser.error(f'no such ONNX file: {", ".join(missing)}')
+    return args
+
+
+def _input(session, shape):
+    arg = session.get_inputs()[0]
+    dims = list(arg.shape)
+    fixed = [d if isinstance(d, int) else None for d in dims]
+    batch = fixed[0] or 1
+    height = fixed[2] or (shape[0] if shape else 640)
+    width = fixed[3] or (shape[1] if shape else 640)
+    rng = np.random.default_rng(0)
+    return arg.name, rng.standard_normal((batch, dims[1], height, width)).astype(np.float32)
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if args.threads:
+        options.intra_op_num_threads = args.threads
+    runs = []
+    for path in args.files:
+        session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        name, x = _input(session, args.shape)
+        for _ in range(args.warmup):
+            session.run(None, {name: x})
+        runs.append(dict(file=path, session=session, feed={name: x}, times=[]))
+    for _ in range(args.repeats):
+        for run in runs:
+            start = time.perf_counter()
+            run['session'].run(None, run['feed'])
+            run['times'].append(time.perf_counter() - start)
+    results = []
+    reference = None
+    print(f'onnxruntime {ort.__version__}, CPU, {args.repeats} runs each, interleaved')
+    for run in runs:
+        times = np.array(run['times'])
+        median = float(np.median(times))
+        reference = reference or median
+        shape = 'x'.join(str(d) for d in next(iter(run['feed'].values())).shape)
+        result = dict(file=run['file'], input_shape=shape, median_s=median,
+                      p10_s=float(np.percentile(times, 10)),
+                      p90_s=float(np.percentile(times, 90)), ratio=median / reference)
+        results.append(result)
+        print(f'{run["file"]}  input {shape}  median {median * 1e3:.2f} ms  '
+              f'(p10 {result["p10_s"] * 1e3:.2f}, p90 {result["p90_s"] * 1e3:.2f})  '
+              f'{result["ratio"]:.2f}x the first')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(onnxruntime=ort.__version__, repeats=args.repeats,
+                           results=results), f, indent=2)
+    return results
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
