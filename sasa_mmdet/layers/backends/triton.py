@@ -100,6 +100,20 @@ def _position(RR, RC, n, ty, tx, d, N, D, DR, HAS_REL: tl.constexpr):
 
 
 @triton.jit
+def _neighbours(K, V, RR, RC, n, i, j, p_ok, ty, tx, d, dv, H, W, N, D, DV, DR, KH, KW, DH,
+                DW, HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr):
+    """The tile's neighbours at tap (ty, tx): ``k_t + r_t`` and ``v_t`` (zeros
+    where the neighbour is outside the image) and where they exist."""
+    ki = i + (ty - (KH - 1) // 2) * DH
+    kj = j + (tx - (KW - 1) // 2) * DW
+    ok = p_ok & (ki >= 0) & (ki < H) & (kj >= 0) & (kj < W)
+    key = _position(RR, RC, n, ty, tx, d, N, D, DR, HAS_REL)[None, :]
+    if HAS_KEY:
+        key = key + _load_tile(K, d, ki, kj, ok, D, W, H * W)
+    return key, _load_tile(V, dv, ki, kj, ok, DV, W, H * W), ok
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
                     sqb, sqn, skb, skn, svb, svn, sob, son,
                     H, W, N, D, DV, DR, KH, KW, DH, DW,
@@ -117,19 +131,14 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
     denom = tl.zeros([BLOCK_H * BLOCK_W], tl.float32)
     acc = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_DV], tl.float32)
     for ty in range(KH):
-        ki = i + (ty - (KH - 1) // 2) * DH
-        row_ok = p_ok & (ki >= 0) & (ki < H)
         for tx in range(KW):
-            kj = j + (tx - (KW - 1) // 2) * DW
-            ok = row_ok & (kj >= 0) & (kj < W)
-            key = _position(RR, RC, n, ty, tx, d, N, D, DR, HAS_REL)[None, :]
-            if HAS_KEY:
-                key = key + _load_tile(K + b * skb + n * skn, d, ki, kj, ok, D, W, HW)
+            key, value, ok = _neighbours(K + b * skb + n * skn, V + b * svb + n * svn, RR, RC,
+                                         n, i, j, p_ok, ty, tx, d, dv, H, W, N, D, DV, DR, KH,
+                                         KW, DH, DW, HAS_KEY, HAS_REL)
             logit = tl.where(ok, tl.sum(q * key, axis=1), float('-inf'))
             m_new = tl.maximum(m, logit)
             scale = tl.exp(m - m_new)
             weight = tl.exp(logit - m_new)
-            value = _load_tile(V + b * svb + n * svn, dv, ki, kj, ok, DV, W, HW)
             denom = denom * scale + weight
             acc = acc * scale[:, None] + weight[:, None] * value
             m = m_new
@@ -160,15 +169,10 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
     tile = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
     drel = DREL + tile * KH * KW * BLOCK_D
     for ty in range(KH):
-        ki = i + (ty - (KH - 1) // 2) * DH
-        row_ok = p_ok & (ki >= 0) & (ki < H)
         for tx in range(KW):
-            kj = j + (tx - (KW - 1) // 2) * DW
-            ok = row_ok & (kj >= 0) & (kj < W)
-            key = _position(RR, RC, n, ty, tx, d, N, D, DR, HAS_REL)[None, :]
-            if HAS_KEY:
-                key = key + _load_tile(K + b * skb + n * skn, d, ki, kj, ok, D, W, HW)
-            value = _load_tile(V + b * svb + n * svn, dv, ki, kj, ok, DV, W, HW)
+            key, value, ok = _neighbours(K + b * skb + n * skn, V + b * svb + n * svn, RR, RC,
+                                         n, i, j, p_ok, ty, tx, d, dv, H, W, N, D, DV, DR, KH,
+                                         KW, DH, DW, HAS_KEY, HAS_REL)
             weight = tl.where(ok, tl.exp(tl.sum(q * key, axis=1) - lse), 0.0)
             dlogit = weight * (tl.sum(dout * value, axis=1) - delta)
             dq += dlogit[:, None] * key
