@@ -1,7 +1,9 @@
 # Copyright (c) OpenMMLab. All rights reserved.
 # Adapted from MMDetection 3.3.0 tools/test.py: imports sasa_mmdet and
 # applies its runner fixes (weights-only checkpoint loading and gloo
-# multi-process testing on CPU).
+# multi-process testing on CPU). It also evaluates mmpretrain classifier
+# configs (default_scope='mmpretrain', e.g. configs/imagenet/), with
+# mmpretrain's meaning of --show-dir, --out and --tta.
 import argparse
 import os
 import os.path as osp
@@ -14,6 +16,7 @@ from mmdet.registry import RUNNERS
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine import ConfigDict
 from mmengine.config import Config, DictAction
+from mmengine.evaluator import DumpResults
 from mmengine.runner import Runner
 
 import sasa_mmdet  # noqa: F401  (registers modules, weights-only loading)
@@ -24,7 +27,8 @@ from sasa_mmdet.engine import (add_safe_checkpoint_hook, finish_cpu_distributed,
 # TODO: support fuse_conv_bn and format_only
 def parse_args():
     parser = argparse.ArgumentParser(
-        description='MMDet test (and eval) a model')
+        description='Test (and evaluate) a detector or an mmpretrain '
+        'classifier')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
@@ -43,6 +47,12 @@ def parse_args():
         'to the work_dir/timestamp/show_dir')
     parser.add_argument(
         '--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--interval',
+        type=int,
+        default=1,
+        help='classifier configs: draw every this many images with '
+        '--show / --show-dir')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -69,6 +79,47 @@ def parse_args():
     return args
 
 
+def is_classifier_config(cfg: Config) -> bool:
+    """Whether ``cfg`` is an mmpretrain config (its ``default_scope``)."""
+    return cfg.get('default_scope') == 'mmpretrain'
+
+
+def trigger_cls_visualization_hook(cfg: Config, args) -> Config:
+    """mmpretrain's ``--show`` / ``--show-dir``: switch on its
+    ``VisualizationHook`` (as mmpretrain's own tools/test.py does)."""
+    if 'visualization' not in cfg.default_hooks:
+        raise RuntimeError(
+            '--show / --show-dir need default_hooks.visualization '
+            "(mmpretrain's VisualizationHook) in the config")
+    visualization = cfg.default_hooks.visualization
+    visualization.enable = True
+    visualization.show = args.show
+    visualization.wait_time = args.wait_time
+    visualization.out_dir = args.show_dir
+    visualization.interval = args.interval
+    return cfg
+
+
+def cls_tta_config(cfg: Config) -> Config:
+    """mmpretrain's ``--tta``: average the scores of the image and its
+    horizontal flip unless the config has its own ``tta_model`` /
+    ``tta_pipeline``."""
+    if 'tta_model' not in cfg:
+        cfg.tta_model = dict(type='mmpretrain.AverageClsScoreTTA')
+    if 'tta_pipeline' not in cfg:
+        test_pipeline = cfg.test_dataloader.dataset.pipeline
+        cfg.tta_pipeline = deepcopy(test_pipeline)
+        cfg.tta_pipeline[-1] = dict(
+            type='TestTimeAug',
+            transforms=[[
+                dict(type='RandomFlip', prob=1.),
+                dict(type='RandomFlip', prob=0.)
+            ], [test_pipeline[-1]]])
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    return cfg
+
+
 def main():
     args = parse_args()
 
@@ -92,11 +143,17 @@ def main():
                                 osp.splitext(osp.basename(args.config))[0])
 
     cfg.load_from = args.checkpoint
+    classifier = is_classifier_config(cfg)
 
     if args.show or args.show_dir:
-        cfg = trigger_visualization_hook(cfg, args)
+        if classifier:
+            cfg = trigger_cls_visualization_hook(cfg, args)
+        else:
+            cfg = trigger_visualization_hook(cfg, args)
 
-    if args.tta:
+    if args.tta and classifier:
+        cfg = cls_tta_config(cfg)
+    elif args.tta:
 
         if 'tta_model' not in cfg:
             warnings.warn('Cannot find ``tta_model`` in config, '
@@ -146,10 +203,11 @@ def main():
 
     # add `DumpResults` dummy metric
     if args.out is not None:
-        assert args.out.endswith(('.pkl', '.pickle')), \
-            'The dump file must be a pkl file.'
-        runner.test_evaluator.metrics.append(
-            DumpDetResults(out_file_path=args.out))
+        if not args.out.endswith(('.pkl', '.pickle')):
+            raise ValueError(
+                f'--out must name a .pkl or .pickle file, got {args.out!r}')
+        dump = DumpResults if classifier else DumpDetResults
+        runner.test_evaluator.metrics.append(dump(out_file_path=args.out))
 
     # start testing
     runner.test()

@@ -1,7 +1,9 @@
 # Copyright (c) OpenMMLab. All rights reserved.
 # Adapted from MMDetection 3.3.0 tools/train.py: imports sasa_mmdet and
-# applies its runner fixes (weights-only checkpoints, bfloat16 amp and gloo
-# multi-process training on CPU).
+# applies its runner fixes (weights-only checkpoints, exact resume, bfloat16
+# amp and gloo multi-process training on CPU). It also trains mmpretrain
+# classifier configs (default_scope='mmpretrain', e.g. configs/imagenet/):
+# the runner builds everything from the config's own registries.
 import argparse
 import os
 import os.path as osp
@@ -18,7 +20,7 @@ from sasa_mmdet.engine import (add_epoch_seed_hook, add_safe_checkpoint_hook,
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description='Train a detector')
+    parser = argparse.ArgumentParser(description='Train a detector or an mmpretrain classifier')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
