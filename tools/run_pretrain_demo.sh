@@ -9,7 +9,7 @@
 #    mmpretrain's CustomDataset folder layout) to data/sasa_pretrain/ and the
 #    detection demo's shapes to data/sasa_demo/ (each skipped when there);
 # 2. pretrains the detection demo's attention backbone as an mmpretrain
-#    ImageClassifier (configs/demo/sasa-tiny_1xb32-16e_shape-classes.py) and
+#    ImageClassifier (configs/demo/sasa-tiny_1xb32-6e_shape-classes.py) and
 #    evaluates its top-1 on the held-out split;
 # 3. trains the detection demo for 12 epochs from that checkpoint
 #    (configs/demo/retinanet_sasa-tiny-shapes-pre_12e_shapes.py: every
@@ -43,7 +43,7 @@ trap 'die "step \"$step\" failed (exit $?, line $LINENO): see the output above"'
 
 [[ $# -eq 0 ]] || die "no arguments expected (got: $*); see the environment variables in $0"
 
-CLS_CONFIG=configs/demo/sasa-tiny_1xb32-16e_shape-classes.py
+CLS_CONFIG=configs/demo/sasa-tiny_1xb32-6e_shape-classes.py
 SCRATCH_CONFIG=configs/demo/retinanet_sasa-tiny_12e_shapes.py
 PRE_CONFIG=configs/demo/retinanet_sasa-tiny-shapes-pre_12e_shapes.py
 export SASA_PRETRAIN_DATA_ROOT="${SASA_PRETRAIN_DATA_ROOT:-data/sasa_pretrain}"

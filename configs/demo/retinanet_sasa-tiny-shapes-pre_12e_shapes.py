@@ -1,7 +1,7 @@
 # The pretraining demo's detector (tools/run_pretrain_demo.sh): the detection
 # demo on its 12-epoch schedule (retinanet_sasa-tiny_12e_shapes.py), its
 # attention backbone starting from the classifier of
-# sasa-tiny_1xb32-16e_shape-classes.py instead of from scratch. Every
+# sasa-tiny_1xb32-6e_shape-classes.py instead of from scratch. Every
 # backbone tensor comes from the classifier's backbone.* tensors (a checkpoint
 # that does not fit is refused, naming the tensors); stem and stage 1 frozen
 # and BN statistics frozen, as for mmdet's ImageNet-pretrained ResNets.
@@ -18,4 +18,4 @@ model = dict(
             type='Pretrained',
             prefix='backbone.',
             checkpoint='work_dirs/pretrain_demo/'
-            'sasa-tiny_1xb32-16e_shape-classes/epoch_16.pth')))
+            'sasa-tiny_1xb32-6e_shape-classes/epoch_6.pth')))

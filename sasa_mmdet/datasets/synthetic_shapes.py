@@ -382,7 +382,7 @@ def _draw_class_image(rng: np.random.Generator, name: str, size: int,
 
 
 def generate_synthetic_shape_classes(out_dir: str = 'data/sasa_pretrain',
-                                     num_train_per_class: int = 150,
+                                     num_train_per_class: int = 400,
                                      num_val_per_class: int = 25,
                                      size: int = 64,
                                      seed: int = 0,
@@ -414,7 +414,7 @@ def generate_synthetic_shape_classes(out_dir: str = 'data/sasa_pretrain',
     Args:
         out_dir (str): Target folder. Defaults to ``'data/sasa_pretrain'``.
         num_train_per_class (int): Training images per class. Defaults to
-            150.
+            400.
         num_val_per_class (int): Held-out images per class. Defaults to 25.
         size (int): Side of the square images in pixels. Defaults to 64.
         seed (int): Random seed. Defaults to 0.

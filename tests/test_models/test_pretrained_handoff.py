@@ -20,7 +20,7 @@ from sasa_mmdet.models import PretrainedMismatchError, SASAResNet
 
 ROOT = osp.join(osp.dirname(__file__), '..', '..')
 DEMO_CLS = osp.join(ROOT, 'configs', 'demo',
-                    'sasa-tiny_1xb32-16e_shape-classes.py')
+                    'sasa-tiny_1xb32-6e_shape-classes.py')
 DEMO_DET = osp.join(ROOT, 'configs', 'demo', 'retinanet_sasa-tiny_shapes.py')
 DEMO_PRE = osp.join(ROOT, 'configs', 'demo',
                     'retinanet_sasa-tiny-shapes-pre_12e_shapes.py')
@@ -134,7 +134,7 @@ def test_demo_pretrained_and_scratch_configs_differ_only_in_the_start():
         type='Pretrained',
         prefix='backbone.',
         checkpoint='work_dirs/pretrain_demo/'
-        'sasa-tiny_1xb32-16e_shape-classes/epoch_16.pth')
+        'sasa-tiny_1xb32-6e_shape-classes/epoch_6.pth')
     assert (pre_backbone['frozen_stages'], pre_backbone['norm_eval'],
             pre_backbone['strict_pretrained']) == (1, True, True)
 

@@ -16,7 +16,7 @@ from sasa_mmdet.datasets import generate_synthetic_shape_classes
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DATA = osp.join(osp.dirname(osp.abspath(__file__)), 'data')
 DEMO_CLS = osp.join(REPO_ROOT, 'configs', 'demo',
-                    'sasa-tiny_1xb32-16e_shape-classes.py')
+                    'sasa-tiny_1xb32-6e_shape-classes.py')
 TABLE_1 = osp.join(DATA, 'sasa-resnet26_in1k-recipe_tiny-shape-classes.py')
 TRAIN = osp.join(REPO_ROOT, 'tools', 'train.py')
 TEST = osp.join(REPO_ROOT, 'tools', 'test.py')

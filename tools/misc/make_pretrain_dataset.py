@@ -21,7 +21,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--num-train-per-class',
         type=int,
-        default=150,
+        default=400,
         help='training images per class')
     parser.add_argument(
         '--num-val-per-class',
