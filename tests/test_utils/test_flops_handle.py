@@ -94,19 +94,21 @@ def test_per_module_counts_and_shared_modules():
 
 @pytest.mark.parametrize('config,shape', [
     ('demo/retinanet_sasa-tiny_shapes.py', (160, 160)),
-    ('demo/retinanet_sasa-tiny_shapes_sasa-fpn_sasa-head.py', (96, 128)),
-    ('retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py', (128, 128)),
-    ('retinanet_r50_fpn_conv-baseline.py', (128, 128)),
+    # attention stem, backbone, FPN and shared heads
+    ('retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py', (64, 64)),
+    ('retinanet_r50_fpn_conv-baseline.py', (64, 64)),
 ])
 def test_detector_count_agrees_with_ours(config, shape):
     model = build_model_from_cfg(Config.fromfile(osp.join(ROOT, 'configs', config))).eval()
     ours = _ours(model, shape)
     x = torch.zeros(1, 3, *shape)
-    theirs = _mmengine_flops(model, (x, ))
+    analyzer = FlopAnalyzer(model, (x, ))  # what get_model_complexity_info reports
+    analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    theirs = analyzer.total()
     # mmengine also counts norms and upsampling, which we (the paper) do not
     assert ours <= theirs <= 1.02 * ours, (ours, theirs)
-    if 'sasa' in config:  # without the handle the attention is missed
-        assert _unpatched(model, (x, )) < 0.98 * ours
+    if config.startswith('demo'):  # without the handle the attention is missed
+        assert _unpatched(model, (x, )) < 0.9 * ours
 
 
 @pytest.mark.slow
