@@ -114,3 +114,23 @@ def test_bad_arguments(tool):
         tool['parse_args']([DEMO, '--shape', '64', '0'])
     with pytest.raises(FileNotFoundError, match='config file not found'):
         tool['main'](['nope.py', '--out', 'x.onnx'])
+
+
+def test_latency_tool_times_files_side_by_side(tmp_path):
+    latency = runpy.run_path(osp.join(ROOT, 'tools', 'deployment', 'onnx_latency.py'))
+    files = []
+    for channels in (4, 8):
+        path = str(tmp_path / f'conv{channels}.onnx')
+        with torch.no_grad():
+            torch.onnx.export(torch.nn.Conv2d(3, channels, 3, padding=1),
+                              (torch.rand(1, 3, 16, 16), ), path, input_names=['input'],
+                              opset_version=17, dynamo=False)
+        files.append(path)
+    results = latency['main']([*files, '--repeats', '3', '--warmup', '1',
+                               '--json', str(tmp_path / 'latency.json')])
+    assert [r['file'] for r in results] == files
+    assert results[0]['ratio'] == 1.0 and results[1]['median_s'] > 0
+    assert results[0]['input_shape'] == '1x3x16x16'
+    assert osp.isfile(tmp_path / 'latency.json')
+    with pytest.raises(SystemExit):
+        latency['parse_args']([str(tmp_path / 'missing.onnx')])
