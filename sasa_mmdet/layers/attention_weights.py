@@ -4,21 +4,23 @@
 ``local_attention`` applies to the values, for inspection
 (``LocalSelfAttention2d.attention_weights``, ``tools/analysis/
 visualize_attention.py``): the per-head logits ``q.k + q.r`` of every window
-tap, softmax over the taps that fall inside the image. It is written with
-pad, shifted slices, einsum and a masked softmax only, independently of the
-attention's fast backends, so that what it shows does not depend on how
-they are implemented (the tests hold the two together).
+tap, softmax over the taps that fall inside the image. It is the PyTorch
+backend's own map (``backends/pytorch.py``: pad, shifted slices, einsum and a
+masked softmax only), which the tests hold to the formula and to every
+backend's output.
 
 Tap order is row-major over the window, ``t = ty * kw + tx``, the order of
 the relative tables (``rel_row[ty]``, ``rel_col[tx]``); tap ``(ty, tx)`` of
 pixel ``(i, j)`` is the pixel ``(i + (ty - (kh - 1) // 2) * dh,
 j + (tx - (kw - 1) // 2) * dw)``.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .backends.geometry import neighbourhood_mask
+from .backends.pytorch import attention_map
 
 
 def tap_offsets(window: Sequence[int],
@@ -38,24 +40,6 @@ def tap_offsets(window: Sequence[int],
     return torch.stack(torch.meshgrid(rows, cols, indexing='ij'), -1).view(-1, 2)
 
 
-def _pad_amounts(window: Tuple[int, int], dilation: Tuple[int, int]) -> tuple:
-    """``F.pad`` amounts (left, right, top, bottom) that hold every tap."""
-    (kh, kw), (dh, dw) = window, dilation
-    return ((kw - 1) // 2 * dw, kw // 2 * dw, (kh - 1) // 2 * dh, kh // 2 * dh)
-
-
-def _taps(x: Tensor, window: Tuple[int, int], dilation: Tuple[int, int]):
-    """``(..., H, W)`` -> the ``kh * kw`` maps whose pixel (i, j) holds the
-    tap-t neighbour of (i, j) (zero outside the map), row-major."""
-    height, width = x.shape[-2:]
-    padded = F.pad(x, _pad_amounts(window, dilation))
-    for ty in range(window[0]):
-        y = ty * dilation[0]
-        for tx in range(window[1]):
-            xs = tx * dilation[1]
-            yield padded[..., y:y + height, xs:xs + width]
-
-
 def tap_exists(height: int, width: int, window: Sequence[int],
                dilation: Sequence[int] = (1, 1), device=None) -> Tensor:
     """Which taps of each pixel fall inside an ``height x width`` map.
@@ -63,9 +47,7 @@ def tap_exists(height: int, width: int, window: Sequence[int],
     Returns:
         Tensor: bool ``(kh * kw, height, width)``.
     """
-    window, dilation = tuple(window), tuple(dilation)
-    ones = torch.ones(height, width, device=device)
-    return torch.stack(list(_taps(ones, window, dilation))) > 0
+    return neighbourhood_mask(height, width, tuple(window), tuple(dilation), device)
 
 
 def local_attention_weights(query: Tensor,
@@ -105,23 +87,7 @@ def local_attention_weights(query: Tensor,
     if (rel_row is None) != (rel_col is None):
         raise ValueError('rel_row and rel_col go together: got rel_row '
                          f'{rel_row is not None}, rel_col {rel_col is not None}')
-    window, dilation = tuple(window), tuple(dilation)
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    query = query.to(dtype)
-    height, width = query.shape[-2:]
-    logits = query.new_zeros(query.shape[:2] + (window[0] * window[1], height, width))
-    if key is not None:
-        # q_ij . k_ab per head: (B, N, D, H, W) -> (B, N, taps, H, W)
-        logits = logits + torch.stack(
-            [(query * key_t).sum(2) for key_t in _taps(key.to(dtype), window, dilation)], 2)
-    if rel_row is not None:
-        dim_row = rel_row.shape[-1]
-        row = torch.einsum('bndhw,knd->bnkhw', query[:, :, :dim_row], rel_row.to(dtype))
-        col = torch.einsum('bndhw,knd->bnkhw', query[:, :, dim_row:], rel_col.to(dtype))
-        # (B, N, kh, 1, H, W) + (B, N, 1, kw, H, W) -> (B, N, kh * kw, H, W)
-        logits = logits + (row.unsqueeze(3) + col.unsqueeze(2)).flatten(2, 3)
-    exists = tap_exists(height, width, window, dilation, query.device)
-    return logits.masked_fill(~exists, float('-inf')).softmax(dim=2)
+    return attention_map(query, key, tuple(window), tuple(dilation), rel_row, rel_col)
 
 
 __all__ = ['local_attention_weights', 'tap_exists', 'tap_offsets']
