@@ -86,7 +86,8 @@ def is_classifier_config(cfg: Config) -> bool:
 
 def trigger_cls_visualization_hook(cfg: Config, args) -> Config:
     """mmpretrain's ``--show`` / ``--show-dir``: switch on its
-    ``VisualizationHook`` (as mmpretrain's own tools/test.py does)."""
+    ``VisualizationHook`` (as mmpretrain's own tools/test.py does); images
+    go to ``work_dir/show_dir`` for a relative ``--show-dir``."""
     if 'visualization' not in cfg.default_hooks:
         raise RuntimeError(
             '--show / --show-dir need default_hooks.visualization '
@@ -95,7 +96,11 @@ def trigger_cls_visualization_hook(cfg: Config, args) -> Config:
     visualization.enable = True
     visualization.show = args.show
     visualization.wait_time = args.wait_time
-    visualization.out_dir = args.show_dir
+    # mmpretrain's hook writes where it is told (its own tools/test.py: the
+    # current folder); a relative --show-dir goes below the work dir here
+    visualization.out_dir = (
+        osp.join(cfg.work_dir, args.show_dir)
+        if args.show_dir and not osp.isabs(args.show_dir) else args.show_dir)
     visualization.interval = args.interval
     return cfg
 

@@ -289,7 +289,7 @@ def _read_manifest(path: str) -> Optional[Dict]:
 # ---------------------------------------------------------------------------
 
 #: Bump when the drawing of the classification set changes.
-CLASSIFICATION_GENERATOR_VERSION = 1
+CLASSIFICATION_GENERATOR_VERSION = 2
 
 #: Classes of the classification set: the detection set's three and five
 #: more, so that pretraining has to tell apart more than the detector sees
@@ -299,6 +299,9 @@ SHAPE_CLASSIFICATION_CLASSES = ('rectangle', 'ellipse', 'triangle', 'diamond',
                                 'cross', 'star', 'hexagon', 'ring')
 
 _CLS_MANIFEST = 'manifest.json'
+# '<class>_000001.jpg': unique across classes (mmpretrain's visualiser names
+# its drawings after the file name)
+_CLS_IMAGE_NAME = re.compile(r'[a-z]+_\d{6}\.jpg')
 
 
 def _regular_polygon(num_vertices: int, radii: Tuple[float, ...],
@@ -398,8 +401,8 @@ def generate_synthetic_shape_classes(out_dir: str = 'data/sasa_pretrain',
     :func:`generate_synthetic_shapes`. Layout::
 
         out_dir/
-            train/<class>/000001.jpg ...   (num_train_per_class per class)
-            val/<class>/000001.jpg ...     (num_val_per_class per class)
+            train/<class>/<class>_000001.jpg ...  (num_train_per_class each)
+            val/<class>/<class>_000001.jpg ...    (num_val_per_class each)
             meta/train.txt, meta/val.txt   ("<class>/<file> <label>" lines)
             classes.txt
             manifest.json
@@ -462,7 +465,7 @@ def generate_synthetic_shape_classes(out_dir: str = 'data/sasa_pretrain',
             folder = osp.join(out_dir, split, name)
             os.makedirs(folder, exist_ok=True)
             for file_name in os.listdir(folder):  # an earlier, larger set
-                if _IMAGE_NAME.fullmatch(file_name):
+                if _CLS_IMAGE_NAME.fullmatch(file_name):
                     os.remove(osp.join(folder, file_name))
         lines = []
         # classes interleaved: image i is of class i % num_classes
@@ -471,7 +474,7 @@ def generate_synthetic_shape_classes(out_dir: str = 'data/sasa_pretrain',
             name = classes[label]
             rng = np.random.default_rng([seed, split_id, index])
             img = _draw_class_image(rng, name, size, min_frac, max_frac)
-            file_name = f'{index // len(classes) + 1:06d}.jpg'
+            file_name = f'{name}_{index // len(classes) + 1:06d}.jpg'
             ok, buf = cv2.imencode('.jpg', img,
                                    [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
             assert ok, f'JPEG encoding failed for {name}/{file_name}'

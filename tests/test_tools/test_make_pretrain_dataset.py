@@ -47,7 +47,7 @@ def test_layout(dataset_dir):
         assert sorted(os.listdir(osp.join(dataset_dir, split))) == CLASSES
         for name in CLASSES:
             assert sorted(os.listdir(osp.join(dataset_dir, split, name))) == [
-                f'{i:06d}.jpg' for i in range(1, per_class + 1)
+                f'{name}_{i:06d}.jpg' for i in range(1, per_class + 1)
             ]
         with open(osp.join(dataset_dir, 'meta', f'{split}.txt')) as f:
             lines = f.read().splitlines()
@@ -58,7 +58,7 @@ def test_layout(dataset_dir):
             assert osp.join(split, path) in files
     with open(osp.join(dataset_dir, 'classes.txt')) as f:
         assert f.read().splitlines() == CLASSES
-    image = cv2.imread(osp.join(dataset_dir, 'val', 'star', '000001.jpg'))
+    image = cv2.imread(osp.join(dataset_dir, 'val', 'star', 'star_000001.jpg'))
     assert image.shape == (32, 32, 3)
 
 
@@ -78,15 +78,16 @@ def test_deterministic_and_val_independent_of_train_size(dataset_dir,
             assert theirs[path] == data, path
     other_seed = str(tmp_path / 'seed1')
     generate_synthetic_shape_classes(other_seed, seed=1, **SMALL)
-    assert _read_tree(other_seed)[osp.join('train', 'ring', '000001.jpg')] \
-        != files[osp.join('train', 'ring', '000001.jpg')]
+    ring = osp.join('train', 'ring', 'ring_000001.jpg')
+    assert _read_tree(other_seed)[ring] != files[ring]
 
 
 def test_images_differ_within_and_across_classes(dataset_dir):
     images = {}
     for name in CLASSES:
         for index in (1, 2, 3):
-            path = osp.join(dataset_dir, 'train', name, f'{index:06d}.jpg')
+            path = osp.join(dataset_dir, 'train', name,
+                            f'{name}_{index:06d}.jpg')
             images[name, index] = cv2.imread(path).astype(np.int32)
     keys = list(images)
     for i, a in enumerate(keys):
@@ -98,7 +99,7 @@ def test_skips_regeneration_only_when_up_to_date(tmp_path):
     out = str(tmp_path)
     args = dict(num_train_per_class=2, num_val_per_class=1, size=32)
     assert generate_synthetic_shape_classes(out, **args)
-    image = osp.join(out, 'train', 'cross', '000002.jpg')
+    image = osp.join(out, 'train', 'cross', 'cross_000002.jpg')
     mtime = os.stat(image).st_mtime_ns
     assert not generate_synthetic_shape_classes(out, **args)
     assert os.stat(image).st_mtime_ns == mtime

@@ -104,9 +104,12 @@ def test_test_tool_evaluates_dumps_and_runs_tta(env, two_epochs, tmp_path):
     out = str(tmp_path / 'preds.pkl')
     _, output = _run([
         TEST, DEMO_CLS, ckpt, '--work-dir',
-        str(tmp_path), '--out', out, '--cfg-options'
+        str(tmp_path), '--out', out, '--show-dir', 'vis', '--interval', '4',
+        '--cfg-options'
     ] + TINY, env)
     assert 'accuracy/top1' in output
+    # every 4th image drawn, below the work dir (file names are unique)
+    assert len(os.listdir(tmp_path / 'vis')) == NUM_VAL // 4
     with open(out, 'rb') as f:
         predictions = pickle.load(f)
     assert len(predictions) == NUM_VAL
