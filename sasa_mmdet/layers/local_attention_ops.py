@@ -273,9 +273,10 @@ def split_projections(stacked: Tensor) -> Tuple[Tensor, ...]:
     projection, whose backward takes gradients that already lie in one
     buffer of ``stacked``'s layout (as the operator's backward writes them)
     as they are, instead of stacking them into a copy: one projection-sized
-    allocation and copy less per backward pass. Under ``torch.compile`` it
-    is a plain ``unbind`` (the compiler plans the memory itself)."""
-    if torch.compiler.is_compiling():
+    allocation and copy less per backward pass. Under ``torch.compile`` (the
+    compiler plans the memory itself) and ``torch.onnx.export`` (where an
+    autograd Function leaves a dangling node) it is a plain ``unbind``."""
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
         return stacked.unbind(1)
     return _SplitProjections.apply(stacked)
 
