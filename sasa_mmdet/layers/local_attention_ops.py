@@ -157,8 +157,8 @@ def _(query, key, value, rel_row, rel_col, window, dilation, backend, keep_atten
 
 @torch.library.custom_op('sasa_mmdet::local_attention_backward',
                          mutates_args=('grad_query', 'grad_key', 'grad_value'))
-def _local_attention_backward_op(grad_out: Tensor, out: Tensor, saved: Tensor, query: Tensor,
-                                 key: Optional[Tensor], value: Tensor,
+def _local_attention_backward_op(grad_out: Tensor, out: Optional[Tensor], saved: Tensor,
+                                 query: Tensor, key: Optional[Tensor], value: Tensor,
                                  rel_row: Optional[Tensor], rel_col: Optional[Tensor],
                                  window: Sequence[int], dilation: Sequence[int],
                                  backend: str, grad_query: Tensor, grad_key: Optional[Tensor],
@@ -166,7 +166,8 @@ def _local_attention_backward_op(grad_out: Tensor, out: Tensor, saved: Tensor, q
     """Writes the gradients of q, k and v into ``grad_query``, ``grad_key``
     and ``grad_value`` (any initial content; they may be views into one
     buffer) and returns those of ``rel_row`` and ``rel_col`` (empty without
-    tables)."""
+    tables). ``out``, the forward's output, only the 'triton' backend reads
+    (the others keep the attention map or recompute it)."""
     grad_rel_row, grad_rel_col = _backend_module(backend).backward(
         grad_out, out, saved, query, key, value, rel_row, rel_col, tuple(window),
         tuple(dilation), grad_query, grad_key, grad_value)
@@ -187,7 +188,8 @@ def _(grad_out, out, saved, query, key, value, rel_row, rel_col, window, dilatio
 def _setup_context(ctx, inputs, output) -> None:
     query, key, value, rel_row, rel_col, window, dilation, backend, _ = inputs
     out, saved = output
-    ctx.save_for_backward(query, key, value, rel_row, rel_col, out, saved)
+    ctx.save_for_backward(query, key, value, rel_row, rel_col,
+                          out if backend == 'triton' else None, saved)
     ctx.geometry = (tuple(window), tuple(dilation), backend)
 
 
