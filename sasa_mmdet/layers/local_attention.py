@@ -326,10 +326,13 @@ class LocalSelfAttention2d(nn.Module):
         qkv = qkv.view(batch, 3, self.num_heads, self.head_channels, height, width)
         return split_projections(qkv)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'{type(self).__name__} expects input (N, {self.in_channels}, H, W), '
                              f'got {tuple(x.shape)}')
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         if self.pointwise:
             return F.conv2d(x, self.weight, self.bias, self.stride)
         if self.with_cp and torch.is_grad_enabled():
@@ -350,12 +353,16 @@ class LocalSelfAttention2d(nn.Module):
             out = average_pool_ceil(out, self.stride)
         return out
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor,
-               recompute_attention: Optional[bool] = None) -> Tensor:
-        """Per-head softmax over the window; ``(B, N, D, H, W)`` in and out."""
+    def _logit_terms(self, query: Tensor, key: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """The key and relative tables the logits are made of, for this
+        layer's position encoding and logits: ``(key or None, rel_row,
+        rel_col)`` (tables None unless 'relative'; 'absolute' adds the
+        encoding to the key, or is the key with ``logits='qr'``)."""
         rel_row = rel_col = None
         if self.position_encoding == 'relative':
             rel_row, rel_col = self.rel_row, self.rel_col
+            if self.logits == 'qr':
+                key = None
         elif self.position_encoding == 'absolute':
             height, width = query.shape[-2:]
             pos = sinusoidal_position_encoding(
@@ -363,8 +370,12 @@ class LocalSelfAttention2d(nn.Module):
                 device=query.device, dtype=query.dtype)
             pos = pos.expand(self.num_heads, -1, -1, -1)  # (N, D, H, W)
             key = key + pos if self.logits == 'qk+qr' else pos.expand_as(key)
-        if self.logits == 'qr' and self.position_encoding == 'relative':
-            key = None
+        return key, rel_row, rel_col
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor,
+               recompute_attention: Optional[bool] = None) -> Tensor:
+        """Per-head softmax over the window; ``(B, N, D, H, W)`` in and out."""
+        key, rel_row, rel_col = self._logit_terms(query, key)
         if self.impl == 'reference':
             return local_attention_reference(query, key, value, self.window_size,
                                              self.dilation, rel_row, rel_col)
@@ -404,22 +415,9 @@ class LocalSelfAttention2d(nn.Module):
         if self.pointwise:
             raise ValueError(f'{type(self).__name__} built with kernel_size=1 is a pointwise '
                              'convolution: it has no attention weights')
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f'{type(self).__name__} expects input (N, {self.in_channels}, H, W), '
-                             f'got {tuple(x.shape)}')
+        self._check_input(x)
         query, key, _ = self.project(x)
-        rel_row = rel_col = None
-        if self.position_encoding == 'relative':
-            rel_row, rel_col = self.rel_row, self.rel_col
-            if self.logits == 'qr':
-                key = None
-        elif self.position_encoding == 'absolute':
-            height, width = query.shape[-2:]
-            pos = sinusoidal_position_encoding(
-                height, width, self.row_channels, self.col_channels,
-                device=query.device, dtype=query.dtype)
-            pos = pos.expand(self.num_heads, -1, -1, -1)  # (N, D, H, W)
-            key = key + pos if self.logits == 'qk+qr' else pos.expand_as(key)
+        key, rel_row, rel_col = self._logit_terms(query, key)
         return local_attention_weights(query, key, self.window_size, self.dilation,
                                        rel_row, rel_col)
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .backends import cpu, pytorch
-from .backends.cpu import cpu_kernel
+from .backends.cpu import cpu_kernel  # noqa: F401  (re-exported)
 from .backends.geometry import neighbourhood_mask, window_offsets  # noqa: F401
 from .backends.pytorch import relative_logits  # noqa: F401
 from .backends.reference import local_attention_reference  # noqa: F401
@@ -60,8 +60,10 @@ def resolve_backend(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
     if impl == 'auto':
-        if device.type == 'cpu' and cpu.KERNEL_BUILT:
-            return 'cpp'
+        if device.type == 'cpu':
+            if cpu.KERNEL_BUILT:
+                return 'cpp'
+            cpu_kernel()  # warns, once, that the slower PyTorch path runs instead
         if device.type == 'cuda' and TRITON_INSTALLED:
             return 'triton'
         return 'torch'
