@@ -69,8 +69,11 @@ def weighted_sum(attn: Tensor, value: Tensor, window, dilation) -> Tensor:
     value_pad = F.pad(value.to(attn.dtype), pad_amounts(window, dilation))
     out = None
     for t, value_t in enumerate(shifted_views(value_pad, height, width, window, dilation)):
-        term = attn[:, :, t].unsqueeze(2) * value_t
-        out = term if out is None else out + term
+        weight = attn[:, :, t].unsqueeze(2)
+        if out is None:
+            out = weight * value_t
+        else:
+            out.addcmul_(weight, value_t)  # in place: one output-sized buffer, not one per tap
     return out
 
 
