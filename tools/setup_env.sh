@@ -116,6 +116,23 @@ if [[ -z "$MMCV_WHEEL" ]]; then
   if [[ "$WITH_CUDA" == 1 ]]; then
     say "building mmcv $MMCV_VERSION with CUDA ops for TORCH_CUDA_ARCH_LIST=$ARCH_LIST:" \
         "expect about 80 minutes on 2 cores for the default two architectures (once per machine)"
+    # torch takes CUDA_HOME from the nvcc on the PATH (two levels up), which
+    # is wrong where that nvcc is a wrapper script (these machines:
+    # /usr/local/bin/nvcc exec's /usr/local/cuda-13.0/bin/nvcc): the C++
+    # files that include cuda_runtime_api.h then miss the toolkit's headers.
+    # Take a toolkit that has them.
+    if [[ -z "${CUDA_HOME:-}" ]]; then
+      NVCC_REAL="$(readlink -f "$(command -v nvcc || true)" || true)"
+      for candidate in /usr/local/cuda "${NVCC_REAL%/bin/nvcc}"; do
+        if [[ -x "$candidate/bin/nvcc" && -f "$candidate/include/cuda_runtime_api.h" ]]; then
+          CUDA_HOME="$candidate"; break
+        fi
+      done
+    fi
+    [[ -n "${CUDA_HOME:-}" && -f "$CUDA_HOME/include/cuda_runtime_api.h" ]] \
+      || die "no CUDA toolkit with headers found: set CUDA_HOME to one (bin/nvcc, include/cuda_runtime_api.h)"
+    export CUDA_HOME
+    say "CUDA toolkit: $CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -n 1))"
     # The CUDA toolkit of a machine may lack cuSPARSE's headers, which torch's
     # headers include; torch's pip CUDA packages ship them.
     NV_INCLUDE="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')"
