@@ -74,8 +74,9 @@ mmcv.ops.batched_nms(boxes, scores, torch.tensor([0, 0]), dict(type='nms', iou_t
 torchvision.ops.nms(boxes, scores, 0.5)
 assert torch.version.cuda, 'torch is not the CUDA build'
 if sys.argv[1] == '1':
-    from mmcv.utils import get_compiling_cuda_version
+    from mmcv.ops import get_compiling_cuda_version
     assert get_compiling_cuda_version() != 'not available', 'mmcv has no CUDA ops'
+    print(f'[setup_env] mmcv CUDA ops compiled with CUDA {get_compiling_cuda_version()}')
 print(f'[setup_env] ready: torch {torch.__version__} (CUDA {torch.version.cuda}, '
       f'GPU {"available" if torch.cuda.is_available() else "not available"}), '
       f'torchvision {torchvision.__version__}, triton {triton.__version__}, '
