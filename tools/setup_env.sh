@@ -116,7 +116,7 @@ if [[ -z "$MMCV_WHEEL" ]]; then
   LOG="$CACHE/mmcv-build-$OPS_KEY.log"
   if [[ "$WITH_CUDA" == 1 ]]; then
     say "building mmcv $MMCV_VERSION with CUDA ops for TORCH_CUDA_ARCH_LIST=$ARCH_LIST:" \
-        "expect about 80 minutes on 2 cores for the default two architectures (once per machine)"
+        "expect about 45 minutes on 2 cores for the default two architectures (once per machine)"
     # torch takes CUDA_HOME from the nvcc on the PATH (two levels up), which
     # is wrong where that nvcc is a wrapper script (these machines:
     # /usr/local/bin/nvcc exec's /usr/local/cuda-13.0/bin/nvcc): the C++
