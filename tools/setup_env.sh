@@ -75,8 +75,9 @@ torchvision.ops.nms(boxes, scores, 0.5)
 assert torch.version.cuda, 'torch is not the CUDA build'
 if sys.argv[1] == '1':
     from mmcv.ops import get_compiling_cuda_version
-    assert get_compiling_cuda_version() != 'not available', 'mmcv has no CUDA ops'
-    print(f'[setup_env] mmcv CUDA ops compiled with CUDA {get_compiling_cuda_version()}')
+    mmcv_cuda = get_compiling_cuda_version()
+    assert mmcv_cuda != 'not available', 'mmcv has no CUDA ops'
+    print(f'[setup_env] mmcv CUDA ops compiled with CUDA {mmcv_cuda}')
 print(f'[setup_env] ready: torch {torch.__version__} (CUDA {torch.version.cuda}, '
       f'GPU {"available" if torch.cuda.is_available() else "not available"}), '
       f'torchvision {torchvision.__version__}, triton {triton.__version__}, '
