@@ -16,6 +16,20 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
+def seeded_random_state():
+    """Every test starts from the same random state of torch, NumPy and
+    Python, whatever ran before it: no outcome depends on the test order or
+    on chance (tests that need their own seeds still set them)."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def mmdet_default_scope():
     """Every test starts in MMDetection's registry scope, whatever scope an
     earlier test's Runner left current (as mmdet's own tests do). Without
