@@ -1,6 +1,15 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
+
+# torch.compile's on-disk cache is shared by every process of the machine
+# and keys graphs without the compiled CPU kernel's build: a graph cached
+# by another checkout could come back. Each test session compiles afresh.
+os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='sasa_mmdet_inductor_')
+atexit.register(shutil.rmtree, os.environ['TORCHINDUCTOR_CACHE_DIR'], ignore_errors=True)
 
 # Triton's interpreter runs the Triton kernels on CPU tensors (impl='triton'
 # in the tests); it has to be on before the kernels are defined.

@@ -296,3 +296,17 @@ def test_with_cp_gives_the_same_gradients_and_keeps_only_the_input(impl, kwargs)
     assert 'with_cp=True' in repr(checkpointed)
     with pytest.raises(ValueError, match='with_cp'):
         LocalSelfAttention2d(4, 8, 3, num_heads=2, with_cp=1)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('width', [1, 11, 16, 17])
+def test_stored_map_shape_is_the_same_for_every_build(dtype, width):
+    """The fake kernel's shape of the stored map (what torch.compile caches
+    graphs with) is the kernel's, and depends on no vector width: rows
+    padded to a fixed multiple."""
+    assert cpu_kernel().map_width_multiple() == cpu.MAP_WIDTH_MULTIPLE == 16
+    q, k, v, rel_row, rel_col = _inputs(2, 3, 4, 5, width, (3, 5), dtype=dtype)
+    _, saved = torch.ops.sasa_mmdet.local_attention(q, k, v, rel_row, rel_col, (3, 5), (1, 1),
+                                                    'cpp', True)
+    padded = -(-width // 16) * 16
+    assert saved.shape == cpu.attention_map_shape(q, (3, 5)) == (2, 5, 3, 15 * padded)

@@ -8,7 +8,8 @@ It computes in float32 (float64 for tests); other dtypes are converted on
 the way in and out.
 
 The stored attention map has the kernel's own layout, ``(B, H, N, T * Wp)``
-(Wp: W rounded up to the vector width): :func:`attention_map_shape`.
+(Wp: W rounded up to a multiple of 16, whatever the build's vector width):
+:func:`attention_map_shape`.
 """
 import warnings
 from typing import Optional
@@ -22,6 +23,10 @@ try:
     from .. import _local_attention_cpu as _KERNEL
 except ImportError as error:
     _KERNEL, _IMPORT_ERROR = None, error
+# The stored map's rows are padded to this many pixels (kMapWidthMultiple in
+# the kernel; a constant, so the fake kernel's shapes never depend on how the
+# kernel was built).
+MAP_WIDTH_MULTIPLE = 16
 # A plain bool, so that torch.compile can guard on it.
 KERNEL_BUILT = _KERNEL is not None
 _WARNED = False
@@ -41,8 +46,8 @@ def cpu_kernel():
 def attention_map_shape(query: Tensor, window) -> tuple:
     """Shape of the map the kernel stores for a query ``(B, N, D, H, W)``."""
     batch, heads, _, height, width = query.shape
-    lanes = cpu_kernel().lanes(compute_dtype(query.dtype) == torch.float64)
-    padded_width = (width + lanes - 1) // lanes * lanes
+    multiple = MAP_WIDTH_MULTIPLE
+    padded_width = (width + multiple - 1) // multiple * multiple
     return (batch, height, heads, window[0] * window[1] * padded_width)
 
 

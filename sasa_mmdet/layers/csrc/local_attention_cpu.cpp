@@ -27,7 +27,7 @@
 // Forward, per pixel and head: attn = softmax_t(q . k_t + q . r_t) over the
 // taps inside the image, out = sum_t attn_t v_t. The softmax map is stored
 // only when the backward will use it, (B, H, N, Wp / L, T, L) (Wp: W rounded
-// up to L): each block's weights in one piece. Backward, per query row: the map (loaded, or recomputed when it was
+// up to kMapWidthMultiple, a multiple of L): each block's weights in one piece. Backward, per query row: the map (loaded, or recomputed when it was
 // not stored), d(logits), d(q) and the position-table gradients; then d(k)
 // and d(v) go to the key rows the row's queries read, each key block
 // gathered in registers from the row's d(logits) and q (attention and
@@ -60,6 +60,12 @@ namespace {
 
 template <typename scalar_t>
 struct Simd;
+
+// Rows of the stored map are padded to a multiple of this many pixels, the
+// same for every build (a multiple of every vector width), so that the map's
+// shape never depends on how the kernel was compiled: torch.compile caches
+// graphs with the shape the fake kernel gives, across builds.
+constexpr int64_t kMapWidthMultiple = 16;
 
 template <>
 struct Simd<float> {
@@ -110,6 +116,9 @@ struct Simd<double> {
     return y;
   }
 };
+
+static_assert(kMapWidthMultiple % Simd<float>::L == 0 && kMapWidthMultiple % Simd<double>::L == 0,
+              "the stored map's rows must hold whole vectors");
 
 template <typename scalar_t>
 using Vec = typename Simd<scalar_t>::V;
@@ -474,6 +483,11 @@ void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar
               store_lanes(out.row(b, n, d0 + c, i) + j0, acc[c] * inv, g.W - j0);
           });
         }
+        if (attn) {  // the blocks of the row's padding past its last block hold zeros
+          const int64_t blocks_end = (g.W + L - 1) / L * L;
+          std::fill(map_block(attn, g, row, n, blocks_end), map_block(attn, g, row, n, g.Wp),
+                    scalar_t(0));
+        }
       }
     }
   });
@@ -762,9 +776,8 @@ Geometry make_geometry(const torch::Tensor& q, const torch::Tensor& v,
                 "rel_row and rel_col must be (kh, N, Dr) and (kw, N, Dc), Dr + Dc = D");
     Dr = rel_row->size(2), Dc = rel_col->size(2);
   }
-  const int64_t lanes = q.scalar_type() == torch::kFloat ? Simd<float>::L : Simd<double>::L;
   return Geometry(q.size(0), q.size(3), q.size(4), q.size(1), q.size(2), v.size(2), kh, kw,
-                  dh, dw, Dr, Dc, lanes);
+                  dh, dw, Dr, Dc, kMapWidthMultiple);
 }
 
 template <typename scalar_t>
@@ -860,8 +873,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused local multi-head self-attention (CPU)";
   m.def("forward", &forward, "local attention forward: (out, attn or undefined)");
   m.def(
-      "lanes", [](bool is_double) { return is_double ? Simd<double>::L : Simd<float>::L; },
-      "pixels per vector register: the stored map's rows are padded to a multiple");
+      "map_width_multiple", []() { return kMapWidthMultiple; },
+      "the stored map's rows are padded to a multiple of this many pixels");
   m.def("backward", &backward,
         "local attention backward: writes grad_q, grad_k, grad_v; returns "
         "(grad_rel_row, grad_rel_col)");
