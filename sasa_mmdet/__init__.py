@@ -16,9 +16,12 @@ The public classes and functions import from here::
 The attention layer itself needs only torch and mmengine: without mmdet
 and mmcv installed (a bare GPU machine, ``tools/gpu_check.sh``), importing
 the package gives the layers (``LocalSelfAttention2d``, ``local_attention``,
-...) and skips the detection parts.
+...) and skips the detection parts. mmdet installed without mmcv (pip
+installs mmdet but not mmcv, which needs a build for your torch) gives the
+layers and a warning saying what is missing.
 """
 import importlib.util
+import warnings
 
 from . import layers  # noqa: F401  (registers the attention layers)
 from .layers import (AttentionStem, LocalSelfAttention2d,
@@ -33,7 +36,15 @@ __all__ = [
     'local_attention', 'local_attention_reference', 'local_attention_weights'
 ]
 
-if importlib.util.find_spec('mmdet') is not None:
+_HAS_MMDET = importlib.util.find_spec('mmdet') is not None
+_HAS_MMCV = importlib.util.find_spec('mmcv') is not None
+if _HAS_MMDET and not _HAS_MMCV:
+    warnings.warn(
+        'sasa_mmdet: mmdet is installed but mmcv is not, so only the attention '
+        'layers are available (SASAResNet, SASAFPN and SASARetinaHead need '
+        "mmdet's models, which import mmcv.ops). Install mmcv>=2.0.0rc4,<2.2.0 "
+        'built for your torch; see docs/install.md.')
+if _HAS_MMDET and _HAS_MMCV:
     from . import datasets, engine, models, utils  # noqa: F401  (registers modules)
     from .models import SASAFPN, SASARetinaHead, SASAResNet
     from .utils.mmengine_flops import register_mmengine_flop_counting

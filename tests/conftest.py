@@ -19,10 +19,11 @@ def pytest_configure(config):
 def mmdet_default_scope():
     """Every test starts in MMDetection's registry scope, whatever scope an
     earlier test's Runner left current (as mmdet's own tests do). Without
-    mmdet (tools/gpu_check.sh on a bare GPU machine) only the layer tests
-    run, and need no scope."""
+    mmdet and mmcv (tools/gpu_check.sh on a bare GPU machine, a fresh pip
+    install) only the layer tests run, and need no scope."""
     import importlib.util
-    if importlib.util.find_spec('mmdet') is not None:
+    if (importlib.util.find_spec('mmdet') is not None
+            and importlib.util.find_spec('mmcv') is not None):
         from mmdet.utils import register_all_modules
         register_all_modules(init_default_scope=True)
     import sasa_mmdet  # noqa: F401

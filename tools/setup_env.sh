@@ -60,7 +60,7 @@ fi
 WHEELS="$CACHE/wheels/py311-torch${TORCH_VERSION}-${OPS_KEY}"
 
 inputs_hash() {
-  { cat "$ROOT/tools/setup_env.sh" "$ROOT/requirements/"*.txt "$ROOT/setup.py" \
+  { cat "$ROOT/tools/setup_env.sh" "$ROOT/requirements/"*.txt "$ROOT/setup.py" "$ROOT/pyproject.toml" \
         "$ROOT"/sasa_mmdet/layers/csrc/*; echo "$OPS_KEY"; } | sha256sum | cut -c1-16
 }
 
