@@ -36,16 +36,25 @@ __all__ = [
     'local_attention', 'local_attention_reference', 'local_attention_weights'
 ]
 
-_HAS_MMDET = importlib.util.find_spec('mmdet') is not None
-_HAS_MMCV = importlib.util.find_spec('mmcv') is not None
-if _HAS_MMDET and not _HAS_MMCV:
-    warnings.warn(
-        'sasa_mmdet: mmdet is installed but mmcv is not, so only the attention '
-        'layers are available (SASAResNet, SASAFPN and SASARetinaHead need '
-        "mmdet's models, which import mmcv.ops). Install mmcv>=2.0.0rc4,<2.2.0 "
-        'built for your torch; see docs/install.md.')
-if _HAS_MMDET and _HAS_MMCV:
-    from . import datasets, engine, models, utils  # noqa: F401  (registers modules)
+
+def _register_detection_modules() -> bool:
+    """Import (and so register) the detection modules; False, with a warning,
+    where mmdet is installed but mmcv or its compiled ops are not."""
+    try:
+        from . import datasets, engine, models, utils  # noqa: F401
+    except ImportError as error:
+        if not (error.name or '').startswith('mmcv'):
+            raise
+        warnings.warn(
+            f'sasa_mmdet: only the attention layers are available: mmdet is '
+            f'installed but {error.name} cannot be imported ({error}). '
+            'SASAResNet, SASAFPN and SASARetinaHead need mmcv>=2.0.0rc4,<2.2.0 '
+            'with its compiled ops, built for your torch; see docs/install.md.')
+        return False
+    return True
+
+
+if importlib.util.find_spec('mmdet') is not None and _register_detection_modules():
     from .models import SASAFPN, SASARetinaHead, SASAResNet
     from .utils.mmengine_flops import register_mmengine_flop_counting
 

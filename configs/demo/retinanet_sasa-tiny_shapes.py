@@ -4,7 +4,7 @@
 # this file swaps in the paper's attention backbone: a quarter-width
 # ResNet-18 with local self-attention in place of every 3x3 convolution of
 # all four stages, convolutional stem, convolutional FPN and heads -- the
-# Table 2 row of configs/retinanet_sasa_r50_fpn.py.
+# Table 2 row of configs/sasa/retinanet_sasa-r50_fpn_1x_coco.py.
 #
 # Attention FPN and heads as well (configs/demo/
 # retinanet_sasa-tiny_shapes_sasa-fpn_sasa-head.py) train too, but their

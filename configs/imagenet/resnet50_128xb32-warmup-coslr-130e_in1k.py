@@ -10,7 +10,7 @@
 # Every Table 1 config is this file with another backbone; all of them use
 # MMDetection's ResNet through mmdet.SASAResNet (here without attention), so
 # the checkpoint's backbone.* tensors carry exactly the names the detection
-# configs (configs/pretrained/) load.
+# configs (configs/sasa/*-in1k-pre_*.py) load.
 #
 # Fewer devices: keep 32 images per device and add --auto-scale-lr (lr
 # scaled from 1.6 at 4096 images per step), e.g. 8 GPUs:

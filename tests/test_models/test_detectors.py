@@ -16,11 +16,11 @@ from sasa_mmdet.layers import LocalSelfAttention2d
 
 CONFIG_DIR = osp.join(osp.dirname(__file__), '..', '..', 'configs')
 TABLE2 = [
-    'retinanet_r50_fpn_conv-baseline.py',
-    'retinanet_sasa_r50_fpn.py',
-    'retinanet_sasa-attnstem_r50_fpn.py',
-    'retinanet_sasa_r50_sasa-fpn_sasa-head.py',
-    'retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py',
+    'sasa/retinanet_r50_fpn_1x_coco.py',
+    'sasa/retinanet_sasa-r50_fpn_1x_coco.py',
+    'sasa/retinanet_sasa-attnstem-r50_fpn_1x_coco.py',
+    'sasa/retinanet_sasa-r50_sasa-fpn-head_1x_coco.py',
+    'sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py',
 ]
 ODD_SHAPES = [[3, 128, 128], [3, 125, 130]]
 
@@ -166,7 +166,7 @@ def test_bad_configs_name_what_is_wrong(part, changes, error, message):
     """Building a Table 2 config (tiny) with a mistake in one part stops
     with an error that names the argument and the value."""
     init_default_scope('mmdet')
-    cfg = tiny_model_cfg('retinanet_sasa_r50_sasa-fpn_sasa-head.py')
+    cfg = tiny_model_cfg('sasa/retinanet_sasa-r50_sasa-fpn-head_1x_coco.py')
     cfg[part].update(changes)
     with pytest.raises(error, match=message):
         MODELS.build(cfg)
@@ -175,7 +175,7 @@ def test_bad_configs_name_what_is_wrong(part, changes, error, message):
 def test_retinanet_attention_head_init_through_detector():
     """model.init_weights() leaves the head's W_V ~ N(0, 0.01)."""
     init_default_scope('mmdet')
-    cfg = tiny_model_cfg('retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py')
+    cfg = tiny_model_cfg('sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py')
     cfg.neck.out_channels = 64
     cfg.bbox_head.update(in_channels=64, feat_channels=64)
     model = MODELS.build(cfg)
@@ -196,7 +196,7 @@ def test_memory_levers_reach_every_attention_layer():
     """``with_cp`` / ``recompute_attention`` in the attention configs reach
     every attention layer of the full-attention RetinaNet, stem included,
     and leave its losses and gradients unchanged."""
-    config = 'retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py'
+    config = 'sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py'
     plain = build(config).double()
     levers = tiny_model_cfg(config)
     for part in (levers.backbone, levers.neck, levers.bbox_head):

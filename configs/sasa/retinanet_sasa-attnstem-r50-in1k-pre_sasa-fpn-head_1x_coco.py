@@ -7,7 +7,7 @@
 # (strict_pretrained). Stem and stage 1 frozen, BN statistics frozen, as for
 # mmdet's ImageNet-pretrained ResNet.
 # Another checkpoint: --cfg-options model.backbone.init_cfg.checkpoint=PATH
-_base_ = '../retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py'
+_base_ = './retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py'
 
 model = dict(
     backbone=dict(

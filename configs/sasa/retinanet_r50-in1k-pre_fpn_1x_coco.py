@@ -6,7 +6,7 @@
 # fit is refused, naming the tensors (strict_pretrained). Stem and stage 1
 # frozen, BN statistics frozen, as for mmdet's ImageNet-pretrained ResNet.
 # Another checkpoint: --cfg-options model.backbone.init_cfg.checkpoint=PATH
-_base_ = '../retinanet_r50_fpn_conv-baseline.py'
+_base_ = './retinanet_r50_fpn_1x_coco.py'
 
 model = dict(
     backbone=dict(

@@ -1,6 +1,5 @@
-# Table 2, row 5 with the paper's detection recipe (batch 64, warm-up + cosine
-# over 150 epochs, 640 crops): the paper's own set-up. Starts from an ImageNet
-# classifier of
+# Table 2, row 3: full-attention ResNet-50 (attention stem), conv FPN and
+# heads, 1x. Starts from an ImageNet classifier of
 # configs/imagenet/sasa-attnstem-resnet50_128xb32-warmup-coslr-130e_in1k.py
 # (train it first; the path below is its last checkpoint): every backbone
 # tensor is loaded from the classifier's backbone.* tensors, and a checkpoint
@@ -8,7 +7,7 @@
 # (strict_pretrained). Stem and stage 1 frozen, BN statistics frozen, as for
 # mmdet's ImageNet-pretrained ResNet.
 # Another checkpoint: --cfg-options model.backbone.init_cfg.checkpoint=PATH
-_base_ = '../retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head_8xb8-cosine-150e_coco-640.py'
+_base_ = './retinanet_sasa-attnstem-r50_fpn_1x_coco.py'
 
 model = dict(
     backbone=dict(

@@ -1,6 +1,6 @@
 # Table 2, row 5: full attention everywhere: attention stem and stages,
 # attention FPN and heads (paper: 22.0M, 110 B FLOPs).
-_base_ = './retinanet_sasa_r50_sasa-fpn_sasa-head.py'
+_base_ = './retinanet_sasa-r50_sasa-fpn-head_1x_coco.py'
 
 model = dict(
     backbone=dict(

@@ -2,16 +2,19 @@
 
 FLOPs = 2 x multiply-adds of convolutions, linear layers and the attention
 layers (counted by their own ``multiply_adds``; generic counters skip them),
-as in Ramachandran et al. (2019), Tables 1 and 2.
+as in Ramachandran et al. (2019), Tables 1 and 2. MMDetection's own
+``tools/analysis_tools/get_flops.py`` prints multiply-adds under the name
+"Flops" (1 x) and also counts norms and upsampling; with ``sasa_mmdet``
+imported it counts the attention layers too (docs/analysis_tools.md).
 
 Examples::
 
     # A detector at 640x640: backbone, neck, bbox_head and total.
-    python tools/analysis/get_model_complexity.py \
-        configs/retinanet_sasa_r50_sasa-fpn_sasa-head.py --shape 640 640
+    python tools/analysis_tools/get_flops.py \
+        configs/sasa/retinanet_sasa-r50_sasa-fpn-head_1x_coco.py --shape 640 640
     # The config's backbone with a 1000-way classifier at 224x224 (Table 1).
-    python tools/analysis/get_model_complexity.py \
-        configs/retinanet_sasa_r50_fpn.py --classifier 1000 --json out.json
+    python tools/analysis_tools/get_flops.py \
+        configs/sasa/retinanet_sasa-r50_fpn_1x_coco.py --classifier 1000 --json out.json
 """
 import argparse
 import json

@@ -1,12 +1,11 @@
 # Table 2, row 5 (full attention: attention stem and stages, attention FPN
 # and heads) with the paper's recipe: batch 64, warm-up + cosine over 150
 # epochs, jitter and 640 crops. Same model as
-# retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py.
+# retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py.
 _base_ = [
     'mmdet::_base_/models/retinanet_r50_fpn.py',
-    './_base_/schedules/sasa_cosine-150e_coco-640.py'
+    '../_base_/schedules/sasa_cosine-150e_coco-640.py'
 ]
-custom_imports = dict(imports=['sasa_mmdet'], allow_failed_imports=False)
 
 model = dict(
     backbone=dict(

@@ -2,7 +2,7 @@
 # attention + 2x2 average pool) and attention heads (W_V ~ N(0, 0.01), a
 # pointwise head-mixing convolution at the end of each tower) (paper: 22.0M,
 # 111 B FLOPs).
-_base_ = './retinanet_sasa_r50_fpn.py'
+_base_ = './retinanet_sasa-r50_fpn_1x_coco.py'
 
 model = dict(
     neck=dict(

@@ -19,7 +19,7 @@ weights (``attention_weights``), then writes PNGs to ``--out-dir``:
 
 Example::
 
-    python tools/analysis/visualize_attention.py \
+    python tools/analysis_tools/visualize_attention.py \
         configs/demo/retinanet_sasa-tiny_shapes.py \
         work_dirs/retinanet_sasa-tiny_shapes/epoch_36.pth \
         data/sasa_demo/val/000000.png --out-dir work_dirs/attention

@@ -4,7 +4,7 @@
 # against the conv baseline trained the same way: 1.00x its peak memory for
 # 1.07x its step time, against 1.47x and 0.83x without it. Same model and
 # weights as row 4.
-_base_ = './retinanet_sasa_r50_sasa-fpn_sasa-head.py'
+_base_ = './retinanet_sasa-r50_sasa-fpn-head_1x_coco.py'
 
 model = dict(
     backbone=dict(attention_cfg=dict(with_cp=True)),
