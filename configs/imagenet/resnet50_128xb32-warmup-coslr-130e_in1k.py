@@ -44,7 +44,8 @@ model = dict(
         style='pytorch'),
     head=dict(in_channels=2048))
 
-train_dataloader = dict(batch_size=32)
+# new workers every epoch, so that --resume is exact (docs/reliability.md)
+train_dataloader = dict(batch_size=32, persistent_workers=False)
 val_dataloader = dict(batch_size=32)
 test_dataloader = val_dataloader
 
