@@ -80,8 +80,8 @@ custom_hooks = [
     # the paper's weight average (0.9999 per step); checkpoints hold the
     # averaged weights as 'state_dict' (what the detection configs load)
     dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL'),
-    # weights-only checkpoints and exact resume, also through mmpretrain's
-    # own tools/train.py (ours adds both)
+    # weights-only checkpoints and exact resume, with this repository's
+    # tools/train.py and with mmpretrain's own (no tool adds them)
     dict(type='SafeCheckpointHook'),
     dict(type='EpochSeedHook'),
 ]
