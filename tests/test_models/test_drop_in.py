@@ -151,12 +151,21 @@ def test_resnet_arguments_mean_the_same(kwargs):
 
 def test_conv_cfg_reaches_the_stem_and_the_convolution_stages_as_in_resnet():
     """conv_cfg goes where ResNet sends it; attention stages keep theirs."""
-    conv_cfg = dict(type='Conv')
+    conv_cfg = dict(type='Conv')  # mmcv's Conv2d wrapper, not nn.Conv2d
+    parent = ResNet(**WIDTH, conv_cfg=conv_cfg)
     child = SASAResNet(**WIDTH, attention_cfg=TINY_ATTN, conv_cfg=conv_cfg,
                        stage_with_attention=(False, False, True, True))
-    assert child.conv_cfg == conv_cfg
-    assert type(child.conv1) is nn.Conv2d
-    assert type(child.layer1[0].conv2) is nn.Conv2d
+    assert type(parent.conv1) is not nn.Conv2d
+    convs = {
+        name: type(module)
+        for name, module in parent.named_modules()
+        if isinstance(module, nn.Conv2d)
+    }
+    for name, module in child.named_modules():
+        if name.startswith(('layer3', 'layer4')) or name not in convs:
+            continue
+        assert type(module) is convs[name], name
+    assert type(child.conv1) is convs['conv1']
     assert type(child.layer3[0].conv2).__name__ == 'LocalSelfAttention2d'
 
 
@@ -168,8 +177,11 @@ def test_heads_must_divide_every_attention_stage(heads, stage, width):
     message = str(info.value)
     assert f'num_heads={heads}' in message
     assert f'stage {stage} (layer{stage + 1}) has {width} channels' in message
-    # no attention in the narrow stages: the wider ones are fine
-    SASAResNet(**WIDTH, attention_cfg=dict(window_size=3, num_heads=16),
+    # 8 heads fail stage 0 (one channel per head, no room for the row and
+    # column embeddings) and fit the wider stages
+    with pytest.raises(ValueError, match='out_channels / num_heads must be'):
+        SASAResNet(**WIDTH, attention_cfg=dict(window_size=3, num_heads=8))
+    SASAResNet(**WIDTH, attention_cfg=dict(window_size=3, num_heads=8),
                stage_with_attention=(False, True, True, True))
 
 

@@ -30,6 +30,9 @@ def test_mmdet_train_tool_runs_the_configs_hooks(tmp_path):
     data_root = str(tmp_path / 'data')
     generate_synthetic_shapes(data_root, num_train=4, num_val=2, size=64)
     env = dict(os.environ, SASA_DEMO_DATA_ROOT=data_root, OMP_NUM_THREADS='1')
+    # this checkout's sasa_mmdet, whichever one is installed
+    env['PYTHONPATH'] = os.pathsep.join(
+        p for p in (REPO_ROOT, env.get('PYTHONPATH')) if p)
     work_dir = str(tmp_path / 'work')
     proc = subprocess.run(
         [sys.executable, mmdet_train_tool(), CONFIG, '--work-dir', work_dir,
