@@ -1,23 +1,42 @@
+"""Build script for the compiled extensions; the package metadata is in
+pyproject.toml.
+
+The extensions compile against the torch already installed, so install with
+``pip install -e . --no-build-isolation`` (an isolated build would fetch
+another torch). The default build is portable (no ``-march=native``): the
+same build runs on every x86-64 CPU of a cluster whose login and compute
+nodes differ. ``SASA_MMDET_NATIVE=1`` tunes the CPU kernel for the building
+machine's CPU instead (see docs/install.md and docs/benchmarks.md).
+"""
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
-def cpu_extensions():
-    """The compiled local-attention CPU kernel (needs torch at build time:
-    install with ``pip install -e . --no-build-isolation``)."""
+def native_build() -> bool:
+    """Whether ``SASA_MMDET_NATIVE=1`` asks for ``-march=native``."""
+    value = os.environ.get('SASA_MMDET_NATIVE', '0')
+    if value not in ('0', '1'):
+        raise ValueError(f'SASA_MMDET_NATIVE must be 0 or 1, got {value!r}')
+    return value == '1'
+
+
+def cpu_attention_extension():
+    """The local-attention CPU kernel (``sasa_mmdet.layers._local_attention_cpu``)."""
     from torch.utils.cpp_extension import CppExtension
     flags = ['-O3', '-fopenmp']
-    # Tuned for the building machine unless asked not to (portable wheels).
-    if os.environ.get('SASA_MMDET_PORTABLE', '0') != '1':
+    if native_build():
         flags.append('-march=native')
-    return [
-        CppExtension(
-            'sasa_mmdet.layers._local_attention_cpu',
-            ['sasa_mmdet/layers/csrc/local_attention_cpu.cpp'],
-            extra_compile_args=flags,
-            extra_link_args=['-fopenmp'])
-    ]
+    return CppExtension(
+        'sasa_mmdet.layers._local_attention_cpu',
+        ['sasa_mmdet/layers/csrc/local_attention_cpu.cpp'],
+        extra_compile_args=flags,
+        extra_link_args=['-fopenmp'])
+
+
+def extensions() -> list:
+    """Every compiled extension of the package; add new ones here."""
+    return [cpu_attention_extension()]
 
 
 def build_ext_class():
@@ -25,16 +44,4 @@ def build_ext_class():
     return BuildExtension.with_options(use_ninja=True)
 
 
-setup(
-    name='sasa_mmdet',
-    version='0.1.0',
-    description='Stand-Alone Self-Attention (Ramachandran et al., 2019) '
-    'for MMDetection 3.x: local attention layer, attention ResNet, FPN and '
-    'RetinaNet head',
-    packages=find_packages(include=['sasa_mmdet', 'sasa_mmdet.*']),
-    python_requires='>=3.11,<3.12',
-    install_requires=['mmdet==3.3.0', 'mmengine==0.10.7', 'mmcv==2.1.0'],
-    ext_modules=cpu_extensions(),
-    cmdclass={'build_ext': build_ext_class()},
-    zip_safe=False,
-)
+setup(ext_modules=extensions(), cmdclass={'build_ext': build_ext_class()})

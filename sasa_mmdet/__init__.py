@@ -16,9 +16,12 @@ The public classes and functions import from here::
 The attention layer itself needs only torch and mmengine: without mmdet
 and mmcv installed (a bare GPU machine, ``tools/gpu_check.sh``), importing
 the package gives the layers (``LocalSelfAttention2d``, ``local_attention``,
-...) and skips the detection parts.
+...) and skips the detection parts. mmdet installed without mmcv (pip
+installs mmdet but not mmcv, which needs a build for your torch) gives the
+layers and a warning saying what is missing.
 """
 import importlib.util
+import warnings
 
 from . import layers  # noqa: F401  (registers the attention layers)
 from .layers import (AttentionStem, LocalSelfAttention2d,
@@ -33,8 +36,25 @@ __all__ = [
     'local_attention', 'local_attention_reference', 'local_attention_weights'
 ]
 
-if importlib.util.find_spec('mmdet') is not None:
-    from . import datasets, engine, models, utils  # noqa: F401  (registers modules)
+
+def _register_detection_modules() -> bool:
+    """Import (and so register) the detection modules; False, with a warning,
+    where mmdet is installed but mmcv or its compiled ops are not."""
+    try:
+        from . import datasets, engine, models, utils  # noqa: F401
+    except ImportError as error:
+        if not (error.name or '').startswith('mmcv'):
+            raise
+        warnings.warn(
+            f'sasa_mmdet: only the attention layers are available: mmdet is '
+            f'installed but {error.name} cannot be imported ({error}). '
+            'SASAResNet, SASAFPN and SASARetinaHead need mmcv>=2.0.0rc4,<2.2.0 '
+            'with its compiled ops, built for your torch; see docs/install.md.')
+        return False
+    return True
+
+
+if importlib.util.find_spec('mmdet') is not None and _register_detection_modules():
     from .models import SASAFPN, SASARetinaHead, SASAResNet
     from .utils.mmengine_flops import register_mmengine_flop_counting
 

@@ -42,13 +42,12 @@ def seeded_random_state():
 def mmdet_default_scope():
     """Every test starts in MMDetection's registry scope, whatever scope an
     earlier test's Runner left current (as mmdet's own tests do). Without
-    mmdet (tools/gpu_check.sh on a bare GPU machine) only the layer tests
-    run, and need no scope."""
-    import importlib.util
-    if importlib.util.find_spec('mmdet') is not None:
+    mmdet or mmcv's ops (tools/gpu_check.sh on a bare GPU machine, a fresh
+    pip install) only the layer tests run, and need no scope."""
+    import sasa_mmdet
+    if 'SASAResNet' in sasa_mmdet.__all__:  # mmdet and mmcv with its ops
         from mmdet.utils import register_all_modules
         register_all_modules(init_default_scope=True)
-    import sasa_mmdet  # noqa: F401
 
 
 class _RecordingKernel:

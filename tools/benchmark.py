@@ -37,7 +37,7 @@ mmcv's CUDA ops) adds a training step of each Table 2 model.
 
 Examples::
 
-    python tools/benchmark.py                       # the issue's layer shapes
+    python tools/benchmark.py                       # quick: two layer shapes
     python tools/benchmark.py --preset resnet50-640 --preset fpn-head-640
     python tools/benchmark.py --models --image-size 640 --repeats 2
     python tools/benchmark.py --no-layers --models --levers  # + memory levers
@@ -60,7 +60,8 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 # (channels, height, width) of the spatial convolutions the attention replaces.
 PRESETS = {
-    'issue': [(64, 160, 160), (256, 80, 80)],
+    # quick: ResNet-50 stage 1 and an FPN level (P3) of a 640x640 image.
+    'quick': [(64, 160, 160), (256, 80, 80)],
     # ResNet-50 conv2 of each stage at its input resolution, 640x640 image.
     'resnet50-640': [(64, 160, 160), (128, 80, 80), (256, 40, 40), (512, 20, 20)],
     'resnet50-1333': [(64, 200, 334), (128, 100, 167), (256, 50, 84), (512, 25, 42)],
@@ -74,11 +75,11 @@ CUDA_PRESETS = {'resnet50-640': 8, 'fpn-head-640': 8, 'resnet50-1333': 2, 'fpn-h
 CUDA_IMPLS = ['triton', 'torch', 'flex']
 
 TABLE2 = [
-    ('conv baseline', 'configs/retinanet_r50_fpn_conv-baseline.py'),
-    ('attn backbone (conv stem)', 'configs/retinanet_sasa_r50_fpn.py'),
-    ('attn backbone (attn stem)', 'configs/retinanet_sasa-attnstem_r50_fpn.py'),
-    ('attn all (conv stem)', 'configs/retinanet_sasa_r50_sasa-fpn_sasa-head.py'),
-    ('attn all (attn stem)', 'configs/retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py'),
+    ('conv baseline', 'configs/sasa/retinanet_r50_fpn_1x_coco.py'),
+    ('attn backbone (conv stem)', 'configs/sasa/retinanet_sasa-r50_fpn_1x_coco.py'),
+    ('attn backbone (attn stem)', 'configs/sasa/retinanet_sasa-attnstem-r50_fpn_1x_coco.py'),
+    ('attn all (conv stem)', 'configs/sasa/retinanet_sasa-r50_sasa-fpn-head_1x_coco.py'),
+    ('attn all (attn stem)', 'configs/sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py'),
 ]
 
 
@@ -462,7 +463,7 @@ def _group(row) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--preset', action='append', choices=sorted(PRESETS),
-                        help='layer shape presets (default: issue)')
+                        help='layer shape presets (default: quick)')
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
                         help='cpu (default) or cuda (see the module docstring)')
     parser.add_argument('--impls', nargs='+',
@@ -532,7 +533,7 @@ def main():
         if args.preset:
             parser.error('--shapes and --preset exclude each other')
     else:
-        shapes = [s for p in (args.preset or ['issue']) for s in PRESETS[p]]
+        shapes = [s for p in (args.preset or ['quick']) for s in PRESETS[p]]
     known = [config for _, config in TABLE2]
     unknown = [c for c in args.configs or [] if c not in known]
     if unknown:

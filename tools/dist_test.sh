@@ -2,7 +2,13 @@
 # Multi-process testing with torchrun (CPU processes use gloo).
 # Usage: tools/dist_test.sh CONFIG CHECKPOINT NPROC [test.py args...]
 # Environment: NNODES, NODE_RANK, PORT, MASTER_ADDR (as in MMDetection);
-# PYTHON (default: python).
+# PYTHON (default: the repository's .venv/bin/python when it exists, else
+# python).
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
+fi
 
 CONFIG=$1
 CHECKPOINT=$2
@@ -13,7 +19,7 @@ PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 
 PYTHONPATH="$(dirname $0)/..":$PYTHONPATH \
-${PYTHON:-python} -m torch.distributed.run \
+"$PYTHON" -m torch.distributed.run \
     --nnodes=$NNODES \
     --node_rank=$NODE_RANK \
     --master_addr=$MASTER_ADDR \

@@ -23,6 +23,10 @@
 #                               (default "8.0;9.0+PTX": sm_80 code also runs on
 #                               8.6/8.9 GPUs, PTX is JIT-compiled on newer ones)
 #   MAX_JOBS                    parallel compile jobs (default: all cores)
+#   SASA_MMDET_NATIVE           1: compile the attention's CPU kernel for this
+#                               machine's CPU (-march=native, about 2x faster
+#                               here, docs/benchmarks.md); 0: portable build
+#                               for a .venv used on other CPUs (default: 1)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +38,9 @@ MMCV_VERSION="2.1.0"
 MMCV_SDIST_URL="https://files.pythonhosted.org/packages/a7/19/f97f0fd4d432113a232e75f965335be6b7bb6557ae9faf8051e9a012cadd/mmcv-2.1.0.tar.gz"
 MMCV_SDIST_SHA256="d387bcab66b467479b6660310e23746cfc79c6e57acf04094680adb499a5cd3f"
 CACHE="${SASA_MMDET_CACHE:-$HOME/.cache/sasa_mmdet}"
+SASA_MMDET_NATIVE="${SASA_MMDET_NATIVE:-1}"
+[[ "$SASA_MMDET_NATIVE" == 0 || "$SASA_MMDET_NATIVE" == 1 ]] \
+  || { echo "SASA_MMDET_NATIVE must be 0 or 1, got $SASA_MMDET_NATIVE" >&2; exit 1; }
 STAMP="$VENV/.sasa_mmdet_ready"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
@@ -60,8 +67,8 @@ fi
 WHEELS="$CACHE/wheels/py311-torch${TORCH_VERSION}-${OPS_KEY}"
 
 inputs_hash() {
-  { cat "$ROOT/tools/setup_env.sh" "$ROOT/requirements/"*.txt "$ROOT/setup.py" \
-        "$ROOT"/sasa_mmdet/layers/csrc/*; echo "$OPS_KEY"; } | sha256sum | cut -c1-16
+  { cat "$ROOT/tools/setup_env.sh" "$ROOT/requirements/"*.txt "$ROOT/setup.py" "$ROOT/pyproject.toml" \
+        "$ROOT"/sasa_mmdet/layers/csrc/*; echo "$OPS_KEY native=$SASA_MMDET_NATIVE"; } | sha256sum | cut -c1-16
 }
 
 verify() {
@@ -170,7 +177,10 @@ fi
 say "installing mmcv, mmengine, mmdet, mmpretrain, pycocotools, onnxruntime, test tools and sasa_mmdet (editable)"
 step_start=$SECONDS
 "${PIP[@]}" install -q "${PIN[@]}" "$MMCV_WHEEL" -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+# The environment is built for this machine: the attention's CPU kernel
+# compiled for its CPU unless SASA_MMDET_NATIVE=0 (setup.py's default is the
+# portable build).
+SASA_MMDET_NATIVE="$SASA_MMDET_NATIVE" "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
 "${PIP[@]}" check || die "pip check found broken requirements"
 say "installed in $((SECONDS - step_start)) s"
 # With transformers installed beside pycocotools, mmpretrain turns on its

@@ -1,10 +1,12 @@
 # Copyright (c) OpenMMLab. All rights reserved.
-# Adapted from MMDetection 3.3.0 tools/test.py: imports sasa_mmdet and
-# applies its runner fixes (weights-only checkpoint loading and gloo
-# multi-process testing on CPU). It also evaluates mmpretrain classifier
+# Adapted from MMDetection 3.3.0 tools/test.py: imports sasa_mmdet
+# (weights-only checkpoint loading) and adds gloo multi-process testing on
+# CPU; the checkpoint fit check comes from the config's SafeCheckpointHook
+# (configs/_base_/sasa_runtime.py). It also evaluates mmpretrain classifier
 # configs (default_scope='mmpretrain', e.g. configs/imagenet/), with
 # mmpretrain's meaning of --show-dir, --out and --tta.
 import argparse
+import logging
 import os
 import os.path as osp
 import warnings
@@ -17,11 +19,12 @@ from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine import ConfigDict
 from mmengine.config import Config, DictAction
 from mmengine.evaluator import DumpResults
+from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 import sasa_mmdet  # noqa: F401  (registers modules, weights-only loading)
-from sasa_mmdet.engine import (add_safe_checkpoint_hook, finish_cpu_distributed,
-                               setup_cpu_distributed)
+from sasa_mmdet.engine import (finish_cpu_distributed, missing_runtime_hooks,
+                               runtime_hooks_warning, setup_cpu_distributed)
 
 
 # TODO: support fuse_conv_bn and format_only
@@ -193,8 +196,13 @@ def main():
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
-    # checkpoints load with weights_only=True; gloo processes on CPU
-    add_safe_checkpoint_hook(cfg)
+    # The config carries SafeCheckpointHook (configs/_base_/sasa_runtime.py),
+    # which refuses a checkpoint that does not fit; say so when it does not.
+    missing = missing_runtime_hooks(cfg, needed=('SafeCheckpointHook', ))
+    if missing:
+        print_log(runtime_hooks_warning(missing), logger='current',
+                  level=logging.WARNING)
+    # gloo processes on CPU
     setup_cpu_distributed(cfg)
 
     # build the runner from config

@@ -1,21 +1,25 @@
 # Copyright (c) OpenMMLab. All rights reserved.
-# Adapted from MMDetection 3.3.0 tools/train.py: imports sasa_mmdet and
-# applies its runner fixes (weights-only checkpoints, exact resume, bfloat16
-# amp and gloo multi-process training on CPU). It also trains mmpretrain
+# Adapted from MMDetection 3.3.0 tools/train.py: imports sasa_mmdet (weights-
+# only checkpoint loading) and adds bfloat16 amp and gloo multi-process
+# training on CPU. The checkpoint-safety and exact-resume hooks come from the
+# config (configs/_base_/sasa_runtime.py); a config without them is trained
+# as it is, with a warning. It also trains mmpretrain
 # classifier configs (default_scope='mmpretrain', e.g. configs/imagenet/):
 # the runner builds everything from the config's own registries.
 import argparse
+import logging
 import os
 import os.path as osp
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import sasa_mmdet  # noqa: F401  (registers modules, weights-only loading)
-from sasa_mmdet.engine import (add_epoch_seed_hook, add_safe_checkpoint_hook,
-                               enable_amp, finish_cpu_distributed,
+from sasa_mmdet.engine import (enable_amp, finish_cpu_distributed,
+                               missing_runtime_hooks, runtime_hooks_warning,
                                setup_cpu_distributed)
 
 
@@ -113,10 +117,13 @@ def main():
         cfg.resume = True
         cfg.load_from = args.resume
 
-    # checkpoints that load with weights_only=True and fit the model; exact
-    # resume (per-epoch seeds); gloo processes on CPU
-    add_safe_checkpoint_hook(cfg)
-    add_epoch_seed_hook(cfg)
+    # The configs carry the checkpoint-safety and seed hooks
+    # (configs/_base_/sasa_runtime.py); say so when one of yours does not.
+    missing = missing_runtime_hooks(cfg)
+    if missing:
+        print_log(runtime_hooks_warning(missing), logger='current',
+                  level=logging.WARNING)
+    # gloo processes on CPU
     setup_cpu_distributed(cfg)
 
     # build the runner from config

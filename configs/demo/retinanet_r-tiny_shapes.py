@@ -6,9 +6,14 @@
 # shared with the attention demo, which inherits this file and only swaps in
 # the attention modules. The dataset folder is data/sasa_demo unless the
 # SASA_DEMO_DATA_ROOT environment variable names another one.
-_base_ = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'
-
-custom_imports = dict(imports=['sasa_mmdet'], allow_failed_imports=False)
+# mmdet's retinanet_r18_fpn_1x_coco.py, composed from the same bases with
+# sasa_mmdet's runtime (checkpoint safety and exact-resume hooks).
+_base_ = [
+    'mmdet::_base_/models/retinanet_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_detection.py',
+    'mmdet::_base_/schedules/schedule_1x.py',
+    '../_base_/sasa_runtime.py',
+]
 
 data_root = '{{$SASA_DEMO_DATA_ROOT:data/sasa_demo}}/'
 img_scale = (160, 160)
@@ -16,6 +21,7 @@ max_epochs = 36
 
 model = dict(
     backbone=dict(
+        depth=18,
         base_channels=16,
         # from scratch: nothing frozen, BN statistics updated
         frozen_stages=-1,
@@ -62,6 +68,9 @@ test_pipeline = [
 train_dataloader = dict(
     batch_size=8,
     num_workers=1,
+    # mmdet's persistent worker, as the demo's documented results were
+    # trained; --cfg-options train_dataloader.persistent_workers=False makes
+    # --resume exact (docs/reliability.md), and changes the result
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
@@ -105,7 +114,4 @@ default_hooks = dict(
     logger=dict(interval=25),
     checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
 log_processor = dict(window_size=25)
-# checkpoints that load with torch.load(weights_only=True) and exact resume,
-# also when training through mmdet's own tools/train.py (ours adds both)
-custom_hooks = [dict(type='SafeCheckpointHook'), dict(type='EpochSeedHook')]
 randomness = dict(seed=0)

@@ -104,7 +104,7 @@ default_hooks = dict(
     logger=dict(interval=25),
     checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
 log_processor = dict(window_size=25)
-# weights-only checkpoints and exact resume, also through mmpretrain's own
-# tools/train.py (ours adds both)
+# weights-only checkpoints and exact resume, with this repository's
+# tools/train.py and with mmpretrain's own (no tool adds them)
 custom_hooks = [dict(type='SafeCheckpointHook'), dict(type='EpochSeedHook')]
 randomness = dict(seed=0)

@@ -10,7 +10,7 @@
 # Every Table 1 config is this file with another backbone; all of them use
 # MMDetection's ResNet through mmdet.SASAResNet (here without attention), so
 # the checkpoint's backbone.* tensors carry exactly the names the detection
-# configs (configs/pretrained/) load.
+# configs (configs/sasa/*-in1k-pre_*.py) load.
 #
 # Fewer devices: keep 32 images per device and add --auto-scale-lr (lr
 # scaled from 1.6 at 4096 images per step), e.g. 8 GPUs:
@@ -44,7 +44,8 @@ model = dict(
         style='pytorch'),
     head=dict(in_channels=2048))
 
-train_dataloader = dict(batch_size=32)
+# new workers every epoch, so that --resume is exact (docs/reliability.md)
+train_dataloader = dict(batch_size=32, persistent_workers=False)
 val_dataloader = dict(batch_size=32)
 test_dataloader = val_dataloader
 
@@ -79,8 +80,8 @@ custom_hooks = [
     # the paper's weight average (0.9999 per step); checkpoints hold the
     # averaged weights as 'state_dict' (what the detection configs load)
     dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL'),
-    # weights-only checkpoints and exact resume, also through mmpretrain's
-    # own tools/train.py (ours adds both)
+    # weights-only checkpoints and exact resume, with this repository's
+    # tools/train.py and with mmpretrain's own (no tool adds them)
     dict(type='SafeCheckpointHook'),
     dict(type='EpochSeedHook'),
 ]

@@ -12,8 +12,9 @@ from .checkpoint import (CheckpointMismatchError, UnsafeCheckpointError,
 from .dist import finish_cpu_distributed, init_cpu_dist, setup_cpu_distributed
 from .fileio import (AtomicLocalBackend, register_atomic_local_backend,
                      write_atomically)
-from .hooks import (EpochSeedHook, SafeCheckpointHook, add_epoch_seed_hook,
-                    add_safe_checkpoint_hook)
+from .hooks import (RUNTIME_HOOKS, EpochSeedHook, SafeCheckpointHook,
+                    add_epoch_seed_hook, add_safe_checkpoint_hook,
+                    missing_runtime_hooks, runtime_hooks_warning)
 from .optimizers import BF16AmpOptimWrapper, bf16_autocast, enable_amp
 
 register_weights_only_loader()
@@ -26,6 +27,7 @@ __all__ = [
     'check_checkpoint_fits',
     'decode_checkpoint', 'enable_amp', 'encode_checkpoint',
     'finish_cpu_distributed', 'init_cpu_dist', 'load_from_local',
-    'load_weights_only', 'register_atomic_local_backend',
+    'load_weights_only', 'missing_runtime_hooks', 'RUNTIME_HOOKS',
+    'register_atomic_local_backend', 'runtime_hooks_warning',
     'register_weights_only_loader', 'setup_cpu_distributed', 'write_atomically'
 ]

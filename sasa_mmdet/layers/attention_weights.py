@@ -2,7 +2,7 @@
 
 :func:`local_attention_weights` computes the softmax weights that
 ``local_attention`` applies to the values, for inspection
-(``LocalSelfAttention2d.attention_weights``, ``tools/analysis/
+(``LocalSelfAttention2d.attention_weights``, ``tools/analysis_tools/
 visualize_attention.py``): the per-head logits ``q.k + q.r`` of every window
 tap, softmax over the taps that fall inside the image. It is the PyTorch
 backend's own map (``backends/pytorch.py``: pad, shifted slices, einsum and a

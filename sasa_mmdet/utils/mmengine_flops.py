@@ -16,7 +16,7 @@ Mechanism: a module-level handle. Every module that exposes
 once per call during the trace, as one operator named after its class; the
 operators traced inside it are dropped from its count and from its
 ancestors'. This keeps a single definition of the attention's cost, the one
-``tools/analysis/get_model_complexity.py`` and the README use, whichever
+``tools/analysis_tools/get_flops.py`` and the README use, whichever
 backend runs the attention (compiled CPU kernel, Triton, PyTorch, the ONNX
 path) and however it is written; an operator-level handle would have to
 reconstruct the formula from each backend's traced arguments, and the ops

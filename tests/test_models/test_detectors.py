@@ -16,11 +16,11 @@ from sasa_mmdet.layers import LocalSelfAttention2d
 
 CONFIG_DIR = osp.join(osp.dirname(__file__), '..', '..', 'configs')
 TABLE2 = [
-    'retinanet_r50_fpn_conv-baseline.py',
-    'retinanet_sasa_r50_fpn.py',
-    'retinanet_sasa-attnstem_r50_fpn.py',
-    'retinanet_sasa_r50_sasa-fpn_sasa-head.py',
-    'retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py',
+    'sasa/retinanet_r50_fpn_1x_coco.py',
+    'sasa/retinanet_sasa-r50_fpn_1x_coco.py',
+    'sasa/retinanet_sasa-attnstem-r50_fpn_1x_coco.py',
+    'sasa/retinanet_sasa-r50_sasa-fpn-head_1x_coco.py',
+    'sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py',
 ]
 ODD_SHAPES = [[3, 128, 128], [3, 125, 130]]
 
@@ -57,7 +57,7 @@ def test_retinanet_variants_modes(config):
     num_attention = sum(
         isinstance(m, LocalSelfAttention2d) and not m.pointwise
         for m in model.modules())
-    assert (num_attention > 0) == ('sasa' in config)
+    assert (num_attention > 0) == ('sasa' in osp.basename(config))
 
     packed = demo_mm_inputs(2, ODD_SHAPES, num_classes=80)
     model.train()
@@ -143,7 +143,7 @@ def test_retinanet_variants_bf16_autocast(config, softmax_dtypes):
         assert torch.isfinite(result.bboxes).all()
         assert torch.isfinite(result.scores).all()
 
-    assert (len(softmax_dtypes) > 0) == ('sasa' in config)
+    assert (len(softmax_dtypes) > 0) == ('sasa' in osp.basename(config))
     assert all(dtype == torch.float32 for _, dtype in softmax_dtypes)
 
 
@@ -152,7 +152,8 @@ def test_retinanet_variants_bf16_autocast(config, softmax_dtypes):
     ('backbone', dict(stage_with_attention=(True, True, True)), ValueError,
      'stage_with_attention must be a tuple of num_stages=4'),
     ('backbone', dict(attention_cfg=dict(window_size=3, num_heads=3)),
-     ValueError, 'num_heads must be a positive int dividing out_channels'),
+     ValueError, r'attention_cfg num_heads=3 must divide the width of every '
+     r'attention stage: stage 0 \(layer1\) has 8 channels'),
     ('neck', dict(attention_cfg=dict(num_heads=3)), ValueError,
      'num_heads must be a positive int dividing out_channels=16'),
     ('bbox_head', dict(attention_cfg=dict(num_heads=5)), ValueError,
@@ -166,7 +167,7 @@ def test_bad_configs_name_what_is_wrong(part, changes, error, message):
     """Building a Table 2 config (tiny) with a mistake in one part stops
     with an error that names the argument and the value."""
     init_default_scope('mmdet')
-    cfg = tiny_model_cfg('retinanet_sasa_r50_sasa-fpn_sasa-head.py')
+    cfg = tiny_model_cfg('sasa/retinanet_sasa-r50_sasa-fpn-head_1x_coco.py')
     cfg[part].update(changes)
     with pytest.raises(error, match=message):
         MODELS.build(cfg)
@@ -175,7 +176,7 @@ def test_bad_configs_name_what_is_wrong(part, changes, error, message):
 def test_retinanet_attention_head_init_through_detector():
     """model.init_weights() leaves the head's W_V ~ N(0, 0.01)."""
     init_default_scope('mmdet')
-    cfg = tiny_model_cfg('retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py')
+    cfg = tiny_model_cfg('sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py')
     cfg.neck.out_channels = 64
     cfg.bbox_head.update(in_channels=64, feat_channels=64)
     model = MODELS.build(cfg)
@@ -196,7 +197,7 @@ def test_memory_levers_reach_every_attention_layer():
     """``with_cp`` / ``recompute_attention`` in the attention configs reach
     every attention layer of the full-attention RetinaNet, stem included,
     and leave its losses and gradients unchanged."""
-    config = 'retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py'
+    config = 'sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py'
     plain = build(config).double()
     levers = tiny_model_cfg(config)
     for part in (levers.backbone, levers.neck, levers.bbox_head):

@@ -28,6 +28,7 @@ def tiny(**kwargs):
         out_channels=8,
         num_outs=5,
         start_level=1,
+        add_extra_convs='on_output',
         attention_cfg=TINY_ATTN)
     cfg.update(kwargs)
     return SASAFPN(**cfg)
@@ -112,7 +113,8 @@ def test_sasa_fpn_init_weights():
 def test_sasa_fpn_parameter_count():
     # RetinaNet-R50's FPN: 3 laterals (512, 1024, 2048 -> 256, with bias)
     # and 5 attention layers of 3 * 256 * 256 + 7 * 256 (tables) + 256.
-    neck = SASAFPN([256, 512, 1024, 2048], 256, 5, start_level=1)
+    neck = SASAFPN([256, 512, 1024, 2048], 256, 5, start_level=1,
+                   add_extra_convs='on_output')
     laterals = (512 + 1024 + 2048) * 256 + 3 * 256
     attention = 3 * 256 * 256 + 7 * 256 + 256
     assert sum(p.numel() for p in neck.parameters()) == \

@@ -1,6 +1,6 @@
 """The hand-off from an mmpretrain classifier to detection: a classifier
 checkpoint fills every backbone tensor of the detection demo's pretrained
-config and of every Table 2 pretrained variant (configs/pretrained/), checked
+config and of every Table 2 pretrained variant (configs/sasa/*-in1k-pre_*), checked
 tensor by tensor, and a classifier whose backbone does not fit is refused
 with the tensors named."""
 import glob
@@ -26,12 +26,13 @@ DEMO_PRE = osp.join(ROOT, 'configs', 'demo',
                     'retinanet_sasa-tiny-shapes-pre_12e_shapes.py')
 DEMO_SCRATCH = osp.join(ROOT, 'configs', 'demo',
                         'retinanet_sasa-tiny_12e_shapes.py')
-PRETRAINED = sorted(glob.glob(osp.join(ROOT, 'configs', 'pretrained', '*.py')))
+PRETRAINED = sorted(
+    glob.glob(osp.join(ROOT, 'configs', 'sasa', '*-in1k-pre_*.py')))
 TABLE_2 = [
-    'retinanet_r50_fpn_conv-baseline.py', 'retinanet_sasa_r50_fpn.py',
-    'retinanet_sasa-attnstem_r50_fpn.py',
-    'retinanet_sasa_r50_sasa-fpn_sasa-head.py',
-    'retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py'
+    'sasa/retinanet_r50_fpn_1x_coco.py', 'sasa/retinanet_sasa-r50_fpn_1x_coco.py',
+    'sasa/retinanet_sasa-attnstem-r50_fpn_1x_coco.py',
+    'sasa/retinanet_sasa-r50_sasa-fpn-head_1x_coco.py',
+    'sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py'
 ]
 
 
@@ -182,14 +183,14 @@ def test_every_table_2_config_has_a_pretrained_variant():
     bases = set()
     for path in PRETRAINED:
         with open(path) as f:
-            bases |= set(re.findall(r"_base_ = '\.\./([^']+)'", f.read()))
-    assert set(TABLE_2) <= bases
+            bases |= set(re.findall(r"_base_ = '\./([^']+)'", f.read()))
+    assert {osp.basename(name) for name in TABLE_2} <= bases
 
 
 def test_pretrained_variant_differs_from_its_base_only_in_the_start():
     for path in PRETRAINED:
         with open(path) as f:
-            base = re.search(r"_base_ = '(\.\./[^']+)'", f.read()).group(1)
+            base = re.search(r"_base_ = '(\./[^']+)'", f.read()).group(1)
         pre = Config.fromfile(path).model.to_dict()
         ref = Config.fromfile(osp.join(osp.dirname(path), base)).model.to_dict()
         pre_backbone, ref_backbone = pre.pop('backbone'), ref.pop('backbone')

@@ -1,4 +1,4 @@
-"""tools/analysis/visualize_attention.py: pictures of the attention weights,
+"""tools/analysis_tools/visualize_attention.py: pictures of the attention weights,
 drawn where the layer looks (tiny random model, generated image)."""
 import math
 import os.path as osp
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'analysis', 'visualize_attention.py')
+TOOL = osp.join(ROOT, 'tools', 'analysis_tools', 'visualize_attention.py')
 DEMO = osp.join(ROOT, 'configs', 'demo', 'retinanet_sasa-tiny_shapes.py')
 DEMO_ALL = osp.join(ROOT, 'configs', 'demo', 'retinanet_sasa-tiny_shapes_sasa-fpn_sasa-head.py')
 

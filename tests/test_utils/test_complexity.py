@@ -16,7 +16,7 @@ from sasa_mmdet.utils import (ImageClassifier, build_model_from_cfg,
 
 ROOT = osp.join(osp.dirname(__file__), '..', '..')
 CONFIGS = osp.join(ROOT, 'configs')
-TOOL = osp.join(ROOT, 'tools', 'analysis', 'get_model_complexity.py')
+TOOL = osp.join(ROOT, 'tools', 'analysis_tools', 'get_flops.py')
 
 
 def by_name(info):
@@ -113,7 +113,7 @@ def test_parse_shape():
 
 
 def test_detector_components_and_table(tmp_path):
-    cfg = Config.fromfile(osp.join(CONFIGS, 'retinanet_sasa_r50_fpn.py'))
+    cfg = Config.fromfile(osp.join(CONFIGS, 'sasa/retinanet_sasa-r50_fpn_1x_coco.py'))
     cfg.model.backbone.update(
         depth=26, base_channels=8, attention_cfg=dict(num_heads=2))
     cfg.model.neck.update(in_channels=[32, 64, 128, 256], out_channels=16)
@@ -161,9 +161,9 @@ def test_image_classifier():
 # (config, paper params in M, paper GFLOPs) for ResNet-50 + 1000-way fc at
 # 224 x 224 (the paper's Table 1; FLOPs = 2 x multiply-adds).
 RESNET50 = [
-    ('retinanet_r50_fpn_conv-baseline.py', 25.6, 8.2),
-    ('retinanet_sasa_r50_fpn.py', 18.0, 7.0),
-    ('retinanet_sasa-attnstem_r50_fpn.py', 18.0, 7.2),
+    ('sasa/retinanet_r50_fpn_1x_coco.py', 25.6, 8.2),
+    ('sasa/retinanet_sasa-r50_fpn_1x_coco.py', 18.0, 7.0),
+    ('sasa/retinanet_sasa-attnstem-r50_fpn_1x_coco.py', 18.0, 7.2),
 ]
 
 
@@ -188,7 +188,7 @@ def test_retinanet_baseline_flops_and_the_paper():
     positions of P3-P7 at 640 x 640.
     """
     cfg = Config.fromfile(
-        osp.join(CONFIGS, 'retinanet_r50_fpn_conv-baseline.py'))
+        osp.join(CONFIGS, 'sasa/retinanet_r50_fpn_1x_coco.py'))
     info = get_model_complexity(build_model_from_cfg(cfg), (640, 640))
     total = by_name(info)['total']
     assert total['params'] == 33_839_924
@@ -204,7 +204,7 @@ def test_retinanet_baseline_flops_and_the_paper():
 
 def test_tool_cli_classifier(tmp_path, capsys, monkeypatch):
     out = tmp_path / 'complexity.json'
-    config = osp.join(CONFIGS, 'retinanet_r50_fpn_conv-baseline.py')
+    config = osp.join(CONFIGS, 'sasa/retinanet_r50_fpn_1x_coco.py')
     monkeypatch.setattr(sys, 'argv', [
         TOOL, config, '--classifier', '1000', '--json',
         str(out), '--cfg-options', 'model.backbone.depth=18'
@@ -224,7 +224,7 @@ def test_tool_cli_classifier(tmp_path, capsys, monkeypatch):
 
 
 def test_tool_cli_invalid(capsys, monkeypatch):
-    config = osp.join(CONFIGS, 'retinanet_r50_fpn_conv-baseline.py')
+    config = osp.join(CONFIGS, 'sasa/retinanet_r50_fpn_1x_coco.py')
     monkeypatch.setattr(sys, 'argv', [TOOL, config, '--shape', '1', '2', '3'])
     with pytest.raises(ValueError):
         runpy.run_path(TOOL, run_name='__main__')

@@ -95,8 +95,8 @@ def test_per_module_counts_and_shared_modules():
 @pytest.mark.parametrize('config,shape', [
     ('demo/retinanet_sasa-tiny_shapes.py', (160, 160)),
     # attention stem, backbone, FPN and shared heads
-    ('retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py', (64, 64)),
-    ('retinanet_r50_fpn_conv-baseline.py', (64, 64)),
+    ('sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py', (64, 64)),
+    ('sasa/retinanet_r50_fpn_1x_coco.py', (64, 64)),
 ])
 def test_detector_count_agrees_with_ours(config, shape):
     model = build_model_from_cfg(Config.fromfile(osp.join(ROOT, 'configs', config))).eval()

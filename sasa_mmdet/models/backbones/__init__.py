@@ -1,3 +1,7 @@
-from .sasa_resnet import PretrainedMismatchError, SASAResNet
+from .sasa_resnet import (PretrainedMismatchError, ResNetArgumentError,
+                          SASAResNet, UnknownDepthError)
 
-__all__ = ['PretrainedMismatchError', 'SASAResNet']
+__all__ = [
+    'PretrainedMismatchError', 'ResNetArgumentError', 'SASAResNet',
+    'UnknownDepthError'
+]

@@ -14,7 +14,7 @@ The optional attention stem replaces the 7x7 convolution and max pool.
 """
 import copy
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch.nn as nn
 from mmdet.models.backbones.resnet import Bottleneck, ResNet
@@ -26,6 +26,43 @@ from sasa_mmdet.engine import CheckpointMismatchError
 from sasa_mmdet.layers import AttentionStem
 
 STEM_TYPES = ('conv', 'attention')
+
+
+class ResNetArgumentError(ValueError, AssertionError):
+    """A bad ``num_stages``, ``strides``, ``dilations`` or ``out_indices``.
+
+    mmdet's ``ResNet`` rejects these with a bare ``assert``; this error says
+    which argument, what value and what is allowed, and is still an
+    ``AssertionError`` (and a ``ValueError``), so code written for ``ResNet``
+    catches it.
+    """
+
+
+class UnknownDepthError(ValueError, KeyError):
+    """A depth with no architecture; a ``KeyError`` as in mmdet's ``ResNet``
+    (and a ``ValueError``)."""
+
+    def __str__(self) -> str:
+        # KeyError would print the message quoted, as a key.
+        return str(self.args[0]) if self.args else ''
+
+
+def _check_stage_arguments(num_stages, strides, dilations,
+                           out_indices) -> None:
+    """What ``ResNet.__init__`` asserts, checked first with clear messages."""
+    if (not isinstance(num_stages, int) or isinstance(num_stages, bool)
+            or not 1 <= num_stages <= 4):
+        raise ResNetArgumentError(
+            f'num_stages must be an int from 1 to 4, got {num_stages!r}')
+    for name, value in (('strides', strides), ('dilations', dilations)):
+        if len(value) != num_stages:
+            raise ResNetArgumentError(
+                f'{name} must have one entry per stage (num_stages='
+                f'{num_stages}), got {name}={tuple(value)!r}')
+    if max(out_indices) >= num_stages:
+        raise ResNetArgumentError(
+            f'out_indices must index the num_stages={num_stages} stages '
+            f'(0 to {num_stages - 1}), got out_indices={tuple(out_indices)!r}')
 
 
 @MODELS.register_module()
@@ -73,8 +110,9 @@ class SASAResNet(ResNet):
         stem_type (str): 'conv' (ResNet's 7x7 convolution and max pool) or
             'attention' (the paper's spatially-aware attention stem, output
             stride 4 as well). Default: 'conv'.
-        stage_with_attention (Sequence[bool]): For each stage, whether its
-            spatial convolutions become local attention. Default: all four.
+        stage_with_attention (Sequence[bool], optional): For each stage,
+            whether its spatial convolutions become local attention; one
+            entry per stage (``num_stages``). Default: None, every stage.
         attention_cfg (dict, optional): Options of
             :class:`~sasa_mmdet.layers.LocalSelfAttention2d` (``window_size``,
             ``num_heads``, ``position_encoding``, ``logits``, ``impl``, ...)
@@ -88,7 +126,19 @@ class SASAResNet(ResNet):
             backbone's.
         **kwargs: :class:`mmdet.models.backbones.ResNet` arguments.
             ``deep_stem=True`` only goes with ``stem_type='conv'``, ``dcn``
-            only in stages without attention.
+            only in stages without attention. ``conv_cfg`` applies where
+            ResNet applies it, outside the attention stages: the stem's 7x7
+            convolution (with ``stem_type='conv'``) and the stages without
+            attention.
+
+    Raises:
+        UnknownDepthError: ``depth`` is not in :attr:`arch_settings` (a
+            ``KeyError``, as ResNet raises, and a ``ValueError``).
+        ResNetArgumentError: ``num_stages``, ``strides``, ``dilations`` or
+            ``out_indices`` do not fit together (an ``AssertionError``, as
+            ResNet raises, and a ``ValueError``).
+        ValueError: a bad argument of this class, or of the attention layer
+            (e.g. ``num_heads`` that does not divide a stage's width).
         strict_pretrained (bool): Refuse a ``Pretrained`` ``init_cfg``
             checkpoint that does not fill every tensor of the backbone
             exactly (names and shapes; BatchNorm's ``num_batches_tracked``
@@ -120,8 +170,7 @@ class SASAResNet(ResNet):
     def __init__(self,
                  depth: int,
                  stem_type: str = 'conv',
-                 stage_with_attention: Sequence[bool] = (True, True, True,
-                                                         True),
+                 stage_with_attention: Optional[Sequence[bool]] = None,
                  attention_cfg: OptConfigType = None,
                  stem_cfg: OptConfigType = None,
                  strict_pretrained: bool = False,
@@ -130,13 +179,19 @@ class SASAResNet(ResNet):
             raise ValueError('strict_pretrained must be a bool, got '
                              f'{strict_pretrained!r}')
         if depth not in self.arch_settings:
-            raise ValueError(f'depth must be one of '
-                             f'{tuple(sorted(self.arch_settings))}, got '
-                             f'{depth!r}')
+            raise UnknownDepthError(
+                f'depth must be one of {tuple(sorted(self.arch_settings))}, '
+                f'got {depth!r}')
         if stem_type not in STEM_TYPES:
             raise ValueError(
                 f'stem_type must be one of {STEM_TYPES}, got {stem_type!r}')
         num_stages = kwargs.get('num_stages', 4)
+        _check_stage_arguments(num_stages,
+                               kwargs.get('strides', (1, 2, 2, 2)),
+                               kwargs.get('dilations', (1, 1, 1, 1)),
+                               kwargs.get('out_indices', (0, 1, 2, 3)))
+        if stage_with_attention is None:
+            stage_with_attention = (True, ) * num_stages
         if (not isinstance(stage_with_attention, (tuple, list))
                 or len(stage_with_attention) != num_stages
                 or not all(isinstance(flag, bool)
@@ -213,6 +268,16 @@ class SASAResNet(ResNet):
         # building it, so this is the index of the stage being built.
         stage_idx = len(self.res_layers)
         if self.stage_with_attention[stage_idx]:
+            num_heads = self.attention_cfg.get('num_heads')
+            width = kwargs['planes']
+            if isinstance(num_heads, int) and num_heads > 0 and width % num_heads:
+                raise ValueError(
+                    f'attention_cfg num_heads={num_heads} must divide the width '
+                    f'of every attention stage: stage {stage_idx} (layer'
+                    f'{stage_idx + 1}) has {width} channels in its spatial '
+                    f'layers (base_channels={self.base_channels}); choose '
+                    'num_heads dividing it, a wider base_channels, or no '
+                    'attention in that stage (stage_with_attention)')
             kwargs['conv_cfg'] = copy.deepcopy(self.attention_cfg)
         return super().make_res_layer(**kwargs)
 
@@ -325,4 +390,7 @@ def _log_checkpoint_coverage(module: nn.Module, state_dict: dict, prefix: str,
     print_log('\n'.join(lines), logger='current', level=logging.WARNING)
 
 
-__all__ = ['PretrainedMismatchError', 'SASAResNet']
+__all__ = [
+    'PretrainedMismatchError', 'ResNetArgumentError', 'SASAResNet',
+    'UnknownDepthError'
+]

@@ -33,8 +33,10 @@ class SASAFPN(FPN):
         attention_cfg (dict, optional): Options of
             :class:`~sasa_mmdet.layers.LocalSelfAttention2d`; they update the
             defaults ``dict(window_size=7, num_heads=8)``.
-        add_extra_convs (bool | str): As in FPN. Default: 'on_output'
-            (P6 from P5, the paper's 33.4M-parameter baseline).
+        add_extra_convs (bool | str): As in FPN, with FPN's default: False
+            (extra levels by max pooling, no attention there). The paper's
+            RetinaNet computes P6 from P5 with attention: 'on_output'
+            (configs/sasa/ set it). Default: False.
         init_cfg (dict or list[dict]): Initialization config.
         **kwargs: Other :class:`~mmdet.models.necks.FPN` arguments
             (``start_level``, ``norm_cfg``, ``relu_before_extra_convs``, ...),
@@ -47,6 +49,7 @@ class SASAFPN(FPN):
         >>> inputs = [torch.rand(1, c, s, s)
         ...           for c, s in zip(in_channels, scales)]
         >>> self = SASAFPN(in_channels, 8, 5, start_level=1,
+        ...                add_extra_convs='on_output',
         ...                attention_cfg=dict(window_size=3, num_heads=2))
         >>> for out in self.forward(inputs):
         ...     print(tuple(out.shape))
@@ -62,7 +65,7 @@ class SASAFPN(FPN):
                  out_channels: int,
                  num_outs: int,
                  attention_cfg: OptConfigType = None,
-                 add_extra_convs: Union[bool, str] = 'on_output',
+                 add_extra_convs: Union[bool, str] = False,
                  init_cfg: MultiConfig = dict(
                      type='Xavier',
                      layer=['Conv2d', 'LocalSelfAttention2d'],

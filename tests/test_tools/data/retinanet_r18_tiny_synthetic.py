@@ -2,8 +2,7 @@
 # 8 base channels, no pretrained weights) on the synthetic shapes dataset.
 # The dataset folder comes from the SASA_DEMO_DATA_ROOT environment variable.
 default_scope = 'mmdet'
-custom_imports = dict(
-    imports=['sasa_mmdet.datasets'], allow_failed_imports=False)
+custom_imports = dict(imports=['sasa_mmdet'], allow_failed_imports=False)
 
 data_root = '{{$SASA_DEMO_DATA_ROOT:data/sasa_demo}}/'
 img_scale = (64, 64)
@@ -170,3 +169,5 @@ log_level = 'INFO'
 load_from = None
 resume = False
 randomness = dict(seed=0)
+# checkpoint safety and exact resume, as configs/_base_/sasa_runtime.py
+custom_hooks = [dict(type='SafeCheckpointHook'), dict(type='EpochSeedHook')]

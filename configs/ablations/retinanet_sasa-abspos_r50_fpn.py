@@ -1,5 +1,0 @@
-# Ablation: absolute (fixed sinusoidal) positional encoding added to the
-# keys instead of the learned relative row / column embeddings.
-_base_ = '../retinanet_sasa_r50_fpn.py'
-
-model = dict(backbone=dict(attention_cfg=dict(position_encoding='absolute')))

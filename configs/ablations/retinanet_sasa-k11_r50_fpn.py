@@ -1,5 +1,0 @@
-# Ablation: spatial extent k = 11 (the paper tries 3, 5, 7, 9, 11; 7 is its
-# default) in every attention layer of the backbone.
-_base_ = '../retinanet_sasa_r50_fpn.py'
-
-model = dict(backbone=dict(attention_cfg=dict(window_size=11)))

@@ -1,5 +1,0 @@
-# Ablation: convolution in stages 1-2, attention in stages 3-4 only (the
-# paper: convolution early and attention late works best).
-_base_ = '../retinanet_sasa_r50_fpn.py'
-
-model = dict(backbone=dict(stage_with_attention=(False, False, True, True)))
