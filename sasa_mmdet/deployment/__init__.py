@@ -20,10 +20,11 @@ Example:
     >>> options = ort.SessionOptions()
     >>> options.register_custom_ops_library(onnxruntime_ops_path())
 """
-from .onnx_symbolic import (CUSTOM_DOMAIN, register_onnx_symbolic,
-                            onnxruntime_ops_available, onnxruntime_ops_path)
+from .end2end import END2END_OUTPUTS, End2EndDetector, detections_from_outputs
+from .onnx_symbolic import (CUSTOM_DOMAIN, onnxruntime_ops_available,
+                            onnxruntime_ops_path, register_onnx_symbolic)
 
 __all__ = [
-    'CUSTOM_DOMAIN', 'onnxruntime_ops_available', 'onnxruntime_ops_path',
-    'register_onnx_symbolic'
+    'CUSTOM_DOMAIN', 'END2END_OUTPUTS', 'End2EndDetector', 'detections_from_outputs',
+    'onnxruntime_ops_available', 'onnxruntime_ops_path', 'register_onnx_symbolic'
 ]

@@ -58,12 +58,19 @@ BLOCK = 4
 MASKED = -1e30
 #: What ``torch.onnx.export`` records for the attention (module docstring).
 GRAPHS = ('onnx', 'onnxruntime', 'onnx-per-tap')
-_GRAPH = ['onnx']
+_STATE = dict(graph='onnx', dynamic=True)
 
 
 @contextlib.contextmanager
-def export_graph(graph: str) -> Iterator[None]:
+def export_graph(graph: str, dynamic: bool = True) -> Iterator[None]:
     """Within the block, ONNX exports record the attention as ``graph``.
+
+    Args:
+        graph (str): One of :data:`GRAPHS`.
+        dynamic (bool): Whether the export has dynamic axes. False lets the
+            standard graph read the map size as constants, so that its
+            indices and masks fold into constants (fewer nodes); such a
+            file only runs at the exported size.
 
     Example:
         >>> with export_graph('onnxruntime'):
@@ -72,17 +79,17 @@ def export_graph(graph: str) -> Iterator[None]:
     """
     if graph not in GRAPHS:
         raise ValueError(f'graph must be one of {GRAPHS}, got {graph!r}')
-    previous = _GRAPH[0]
-    _GRAPH[0] = graph
+    previous = dict(_STATE)
+    _STATE.update(graph=graph, dynamic=bool(dynamic))
     try:
         yield
     finally:
-        _GRAPH[0] = previous
+        _STATE.update(previous)
 
 
 def current_graph() -> str:
     """The graph an export records now (:func:`export_graph`; default 'onnx')."""
-    return _GRAPH[0]
+    return _STATE['graph']
 
 
 class AxisBlocks:
@@ -140,9 +147,9 @@ def relative_halo_table(table: Tensor, axis: AxisBlocks) -> Tensor:
     return halo.permute(2, 0, 3, 1)
 
 
-def _pixel_major(x: Tensor) -> Tensor:
-    """``(B, N, D, H, W)`` -> ``(B, N, H * W, D)``."""
-    return x.flatten(3).transpose(-1, -2)
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, recording nothing when it is that dtype already."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
@@ -170,6 +177,10 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
     dtype = torch.promote_types(value.dtype, torch.float32)
     device = query.device
     batch, heads, _, height, width = query.shape
+    heads = int(heads)  # never a dynamic axis
+    if torch.onnx.is_in_onnx_export() and not _STATE['dynamic']:
+        # constants: the indices fold, the reshapes need no shape arithmetic
+        batch, height, width = int(batch), int(height), int(width)
     rows = AxisBlocks(height, min(BLOCK, int(height)), window[0], dilation[0])
     cols = AxisBlocks(width, min(BLOCK, int(width)), window[1], dilation[1])
     blocks = rows.blocks * cols.blocks
@@ -203,8 +214,8 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
 
     def blocks_of(x: Tensor, index: Tensor, length: int) -> Tensor:
         # (B, N, D, H, W) -> (B, N, blocks, length, D)
-        rows_of_x = _pixel_major(x.to(dtype)).index_select(2, index)
-        return rows_of_x.unflatten(2, (blocks, length))
+        x = _cast(x, dtype).reshape(batch, heads, -1, height * width).transpose(-1, -2)
+        return x.index_select(2, index).reshape(batch, heads, blocks, length, -1)
 
     queries = blocks_of(query, query_index, block_size)  # (B, N, blocks, bh * bw, D)
     grid_shape = (batch, heads, rows.blocks, cols.blocks, rows.block, cols.block)
@@ -215,12 +226,13 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
     if rel_row is not None:
         dim_row = rel_row.shape[-1]
         grid = queries.reshape(*grid_shape, -1)  # (B, N, Bh, Bw, bh, bw, D)
-        table_row = relative_halo_table(rel_row.to(dtype), rows)  # (N, bh, Dr, halo_h)
-        table_col = relative_halo_table(rel_col.to(dtype), cols)  # (N, bw, Dc, halo_w)
+        grid_row, grid_col = grid.split([dim_row, grid.shape[-1] - dim_row], dim=-1)
+        table_row = relative_halo_table(_cast(rel_row, dtype), rows)  # (N, bh, Dr, halo_h)
+        table_col = relative_halo_table(_cast(rel_col, dtype), cols)  # (N, bw, Dc, halo_w)
         # (B, N, Bh, Bw, bh, bw, Dr) @ (N, 1, 1, bh, Dr, halo_h) -> (.., bh, bw, halo_h)
-        row_terms = torch.matmul(grid[..., :dim_row], table_row[:, None, None]) + row_bias
+        row_terms = torch.matmul(grid_row, table_row[:, None, None]) + row_bias
         # (B, N, Bh, Bw, bw, bh, Dc) @ (N, 1, 1, bw, Dc, halo_w) -> (.., bw, bh, halo_w)
-        col_terms = torch.matmul(grid[..., dim_row:].transpose(4, 5), table_col[:, None, None])
+        col_terms = torch.matmul(grid_col.transpose(4, 5), table_col[:, None, None])
         col_terms = col_terms.transpose(4, 5) + col_bias
     # One matrix product gives every logit: the queries carry their row and
     # column terms as extra channels, the keys a one-hot of their halo row
@@ -243,9 +255,10 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
 
     values = blocks_of(value, key_index, halo)  # (B, N, blocks, halo, Dv)
     out = torch.matmul(attn, values)  # (B, N, blocks, bh * bw, Dv)
-    out = out.flatten(2, 3).index_select(2, pixel_index)  # (B, N, H * W, Dv)
+    out = out.reshape(batch, heads, blocks * block_size, -1)
+    out = out.index_select(2, pixel_index)  # (B, N, H * W, Dv)
     out = out.transpose(-1, -2).reshape(batch, heads, -1, height, width)
-    return out.to(value.dtype), attn.new_empty(0)
+    return _cast(out, value.dtype), attn.new_empty(0)
 
 
 def export_forward(query: Tensor, key: Optional[Tensor], value: Tensor,
