@@ -207,8 +207,13 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) {
-    // This onnxruntime is older than the headers the library was built with.
-    return nullptr;  // no OrtApi to report through; the session then lacks the op
+    // This onnxruntime is older than the headers the library was built with;
+    // every version's API starts with CreateStatus.
+    const std::string message =
+        "the sasa_mmdet custom-op library needs onnxruntime API version " +
+        std::to_string(ORT_API_VERSION) + " or later; this onnxruntime is " +
+        api_base->GetVersionString();
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, message.c_str());
   }
   Ort::InitApi(api);
   static LocalAttentionOp op;
