@@ -26,6 +26,7 @@ batch): divide by the resize's scale factor for the original image
 the graph: the input is the normalised batch, as ``DetDataPreprocessor``
 gives.
 """
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
@@ -97,10 +98,14 @@ class End2EndDetector(nn.Module):
         super().__init__()
         head = getattr(detector, 'bbox_head', None)
         from mmdet.models.dense_heads import AnchorHead
+        from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
         if not isinstance(head, AnchorHead) or not head.use_sigmoid_cls:
             raise TypeError('End2EndDetector needs a single-stage detector with a sigmoid-'
                             'classification anchor head (RetinaHead, SASARetinaHead), got '
                             f'{type(head).__name__}')
+        if type(head.bbox_coder) is not DeltaXYWHBBoxCoder:
+            raise TypeError('End2EndDetector decodes with DeltaXYWHBBoxCoder, the head has '
+                            f'{type(head.bbox_coder).__name__}')
         cfg = dict(head.test_cfg or {})
         cfg.update(test_cfg or {})
         nms = cfg.get('nms') or {}
@@ -133,11 +138,31 @@ class End2EndDetector(nn.Module):
             top_scores, index = level_scores.topk(k, dim=1)  # (B, k), best first
             anchor = index // classes
             deltas = deltas.gather(1, anchor.unsqueeze(-1).expand(-1, -1, 4))
-            boxes.append(head.bbox_coder.decode(level_priors[anchor], deltas,
-                                                max_shape=(height, width)))
+            boxes.append(self.decode(level_priors[anchor], deltas, inputs))
             scores.append(top_scores)
             labels.append(index % classes)
         return self.postprocess(torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1))
+
+    def decode(self, priors: Tensor, deltas: Tensor, inputs: Tensor) -> Tensor:
+        """Boxes ``(B, k, 4)`` from anchors and deltas ``(B, k, 4)`` with
+        mmdet's ``delta2bbox`` (what ``predict`` runs; the coder's own batched
+        ONNX path imports a module mmdet 3 no longer has), clipped to the
+        input's size (a traced size under ``--dynamic``)."""
+        from mmdet.models.task_modules.coders.delta_xywh_bbox_coder import delta2bbox
+        coder = self.detector.bbox_head.bbox_coder
+        # predict leaves decode's wh_ratio_clip at its default
+        ratio_clip = inspect.signature(coder.decode).parameters['wh_ratio_clip'].default
+        boxes = delta2bbox(priors.reshape(-1, 4), deltas.reshape(-1, 4), coder.means,
+                           coder.stds, None, ratio_clip, False, coder.add_ctr_clamp,
+                           coder.ctr_clamp).reshape(priors.shape)
+        if not coder.clip_border:
+            return boxes
+        if torch.jit.is_tracing():
+            size = torch._shape_as_tensor(inputs)[2:].to(boxes.dtype)  # (H, W)
+        else:
+            size = boxes.new_tensor(inputs.shape[2:])
+        limit = size.flip(0).repeat(2)  # (W, H, W, H)
+        return torch.minimum(boxes.clamp(min=0), limit)
 
     def postprocess(self, boxes: Tensor, scores: Tensor,
                     labels: Tensor) -> Tuple[Tensor, Tensor]:
