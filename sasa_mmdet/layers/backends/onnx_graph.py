@@ -2,8 +2,8 @@
 
 What ``torch.onnx.export`` records for the attention when the graph must
 run anywhere (``export_onnx.py --backend onnx``), whatever the window: per
-layer a few Gathers, Concats and MatMuls and one Softmax, taps on the last
-axis, no per-tap chains, no Where.
+layer a few Gathers and MatMuls and one Softmax, taps on the last axis, no
+per-tap chains, no Where.
 
 It works on blocks of ``bh x bw`` query pixels (:data:`BLOCK` = 4 per
 axis, or the map if smaller), as neighbourhood-attention kernels do: a
@@ -13,14 +13,14 @@ keys (kh', kw': the dilated window's extent), so
 - one Gather per tensor collects the query blocks and the key and value
   halos (rows of D channels, pixel-major; positions outside the image are
   clamped to its border and masked);
-- every logit comes out of one batched MatMul per layer: each query carries,
-  besides its D channels, its q.r terms per halo row and per halo column
-  (two small MatMuls against the relative tables laid out per halo row and
-  column, parameters only: folded at export) plus the mask's bias
-  (:data:`MASKED` for a halo row or column outside the query's window or the
-  image, else 0); each key carries a one-hot of its halo row and column.
-  So ``q' . k' = q . k + q . r + bias``, and keys outside the window get
-  softmax weight exactly 0;
+- the logits are two batched MatMuls per layer: q.k, ``(bh*bw, D) @ (D,
+  halo)`` per block, plus each query's terms per halo row and per halo
+  column -- its q.r terms (two small MatMuls against the relative tables laid
+  out per halo row and column, parameters only: folded at export) and the
+  mask's bias (:data:`MASKED` for a halo row or column outside the query's
+  window or the image, else 0) -- spread over the halo by a constant one-hot
+  ``(halo_h + halo_w, halo)``. Keys outside the window get softmax weight
+  exactly 0;
 - the softmax is over the last axis: one Softmax node, no transposes;
 - the weighted sum is one batched MatMul, ``(bh*bw, halo) @ (halo, Dv)``,
   and one Gather puts the blocks' pixels back in image order.
@@ -234,23 +234,20 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
         # (B, N, Bh, Bw, bw, bh, Dc) @ (N, 1, 1, bw, Dc, halo_w) -> (.., bw, bh, halo_w)
         col_terms = torch.matmul(grid_col.transpose(4, 5), table_col[:, None, None])
         col_terms = col_terms.transpose(4, 5) + col_bias
-    # One matrix product gives every logit: the queries carry their row and
-    # column terms as extra channels, the keys a one-hot of their halo row
-    # and column, so q'.k' = q.k + row term + column term.
+    # The row and column terms reach each halo key through a one-hot of its
+    # halo row and column: (.., bh * bw, halo_h + halo_w) @ (halo_h + halo_w,
+    # halo), a small constant that the MatMul broadcasts over the blocks.
     halo_rows = torch.arange(halo, device=device) // cols.halo
     halo_cols = torch.arange(halo, device=device) % cols.halo
     one_hot = torch.cat([
-        (halo_rows[:, None] == torch.arange(rows.halo, device=device)[None]),
-        (halo_cols[:, None] == torch.arange(cols.halo, device=device)[None])], dim=1).to(dtype)
-    query_parts = [row_terms.reshape(batch, heads, blocks, block_size, rows.halo),
-                   col_terms.reshape(batch, heads, blocks, block_size, cols.halo)]
-    key_parts = [one_hot.expand(batch, heads, blocks, halo, rows.halo + cols.halo)]
+        (torch.arange(rows.halo, device=device)[:, None] == halo_rows[None]),
+        (torch.arange(cols.halo, device=device)[:, None] == halo_cols[None])], dim=0)
+    terms = torch.cat([row_terms.reshape(batch, heads, blocks, block_size, rows.halo),
+                       col_terms.reshape(batch, heads, blocks, block_size, cols.halo)], dim=-1)
+    logits = torch.matmul(terms, one_hot.to(dtype))  # (B, N, blocks, bh * bw, halo)
     if key is not None:
-        query_parts.insert(0, queries)
-        key_parts.insert(0, blocks_of(key, key_index, halo))  # (B, N, blocks, halo, D)
-    queries = torch.cat(query_parts, dim=-1)  # (B, N, blocks, bh * bw, D + halo_h + halo_w)
-    keys = torch.cat(key_parts, dim=-1)  # (B, N, blocks, halo, D + halo_h + halo_w)
-    logits = torch.matmul(queries, keys.transpose(-1, -2))  # (B, N, blocks, bh * bw, halo)
+        keys = blocks_of(key, key_index, halo)  # (B, N, blocks, halo, D)
+        logits = torch.matmul(queries, keys.transpose(-1, -2)) + logits
     attn = logits.softmax(dim=-1)
 
     values = blocks_of(value, key_index, halo)  # (B, N, blocks, halo, Dv)
