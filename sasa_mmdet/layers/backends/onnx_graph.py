@@ -229,11 +229,21 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
         grid_row, grid_col = grid.split([dim_row, grid.shape[-1] - dim_row], dim=-1)
         table_row = relative_halo_table(_cast(rel_row, dtype), rows)  # (N, bh, Dr, halo_h)
         table_col = relative_halo_table(_cast(rel_col, dtype), cols)  # (N, bw, Dc, halo_w)
-        # (B, N, Bh, Bw, bh, bw, Dr) @ (N, 1, 1, bh, Dr, halo_h) -> (.., bh, bw, halo_h)
-        row_terms = torch.matmul(grid_row, table_row[:, None, None]) + row_bias
-        # (B, N, Bh, Bw, bw, bh, Dc) @ (N, 1, 1, bw, Dc, halo_w) -> (.., bw, bh, halo_w)
-        col_terms = torch.matmul(grid_col.transpose(4, 5), table_col[:, None, None])
-        col_terms = col_terms.transpose(4, 5) + col_bias
+        # One matrix product per head and in-block row (column): the query
+        # grid goes (N, bh, B * Bh * Bw * bw, Dr) and meets that row's table
+        # (N, bh, Dr, halo_h); a few large products, not one per block row.
+        grid_row = grid_row.permute(1, 4, 0, 2, 3, 5, 6).reshape(heads, rows.block, -1,
+                                                                 dim_row)
+        row_terms = torch.matmul(grid_row, table_row)  # (N, bh, B * Bh * Bw * bw, halo_h)
+        row_terms = row_terms.reshape(heads, rows.block, batch, rows.blocks, cols.blocks,
+                                      cols.block, rows.halo)
+        row_terms = row_terms.permute(2, 0, 3, 4, 1, 5, 6) + row_bias
+        grid_col = grid_col.permute(1, 5, 0, 2, 3, 4, 6).reshape(heads, cols.block, -1,
+                                                                 grid_col.shape[-1])
+        col_terms = torch.matmul(grid_col, table_col)  # (N, bw, B * Bh * Bw * bh, halo_w)
+        col_terms = col_terms.reshape(heads, cols.block, batch, rows.blocks, cols.blocks,
+                                      rows.block, cols.halo)
+        col_terms = col_terms.permute(2, 0, 3, 4, 5, 1, 6) + col_bias
     # The row and column terms reach each halo key through a one-hot of its
     # halo row and column: (.., bh * bw, halo_h + halo_w) @ (halo_h + halo_w,
     # halo), a small constant that the MatMul broadcasts over the blocks.
