@@ -83,6 +83,20 @@ def preprocess(cfg, image: str):
     return preprocessor(pseudo_collate([data]), False), data
 
 
+def class_names(cfg) -> Optional[List[str]]:
+    """The class names: the config's ``metainfo``, else its test dataset
+    class's ``METAINFO``; None if neither has them."""
+    from mmdet.registry import DATASETS
+
+    dataset = cfg.test_dataloader.dataset
+    meta = cfg.get('metainfo') or dataset.get('metainfo') or {}
+    if meta.get('classes'):
+        return list(meta['classes'])
+    dataset_class = DATASETS.get(dataset.type)
+    classes = getattr(dataset_class, 'METAINFO', {}).get('classes')
+    return list(classes) if classes else None
+
+
 def run_onnxruntime(path: str, inputs: np.ndarray, threads: int = 0):
     """``(dets, labels)`` of an end-to-end file on a preprocessed batch."""
     import onnx
@@ -179,8 +193,7 @@ def main(argv=None) -> dict:
         f'{inputs.shape[3]}x{inputs.shape[2]}')
     dets, labels = run_onnxruntime(args.model, inputs.numpy(), args.threads)
     result = to_image_space(dets[0], labels[0], meta)
-    classes = (cfg.get('metainfo') or cfg.test_dataloader.dataset.get('metainfo')
-               or {}).get('classes')
+    classes = class_names(cfg)
     shown = result['scores'] > args.score_thr
     log(f'{len(result["scores"])} detections, {int(shown.sum())} above {args.score_thr:g}:')
     for box, score, label in zip(result['bboxes'][shown], result['scores'][shown],
