@@ -280,3 +280,16 @@ def test_onnx_inference_draws_pytorchs_detections(tool, tmp_path):
     assert mmcv.imread(drawn).shape == image.shape
     with pytest.raises(SystemExit):
         inference['parse_args']([config, str(tmp_path / 'missing.onnx'), image_path])
+
+
+def test_backend_choice(tool, monkeypatch):
+    """The default is the fused graph when the library is built, else the
+    standard one; asking for the fused graph without it says how to build it."""
+    import sasa_mmdet.deployment.onnx_symbolic as symbolic
+    backend, why = tool['resolve_backend'](None)
+    assert backend == ('onnxruntime' if _library_built() else 'onnx') and why
+    assert tool['resolve_backend']('onnx-per-tap')[0] == 'onnx-per-tap'
+    monkeypatch.setattr(symbolic.glob, 'glob', lambda pattern: [])
+    assert tool['resolve_backend'](None)[0] == 'onnx'
+    with pytest.raises(FileNotFoundError, match='install_onnxruntime_headers.sh'):
+        tool['resolve_backend']('onnxruntime')
