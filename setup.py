@@ -12,6 +12,8 @@ import os
 
 from setuptools import setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
 
 def native_build() -> bool:
     """Whether ``SASA_MMDET_NATIVE=1`` asks for ``-march=native``."""
@@ -30,13 +32,53 @@ def cpu_attention_extension():
     return CppExtension(
         'sasa_mmdet.layers._local_attention_cpu',
         ['sasa_mmdet/layers/csrc/local_attention_cpu.cpp'],
+        depends=['sasa_mmdet/layers/csrc/local_attention_core.h'],
         extra_compile_args=flags,
         extra_link_args=['-fopenmp'])
 
 
 def extensions() -> list:
     """Every compiled extension of the package; add new ones here."""
-    return [cpu_attention_extension()]
+    return [cpu_attention_extension()] + onnxruntime_extensions()
+
+
+def onnxruntime_include_dir():
+    """onnxruntime's C/C++ API headers: $ONNXRUNTIME_INCLUDE_DIR, Debian's
+    libonnxruntime-dev, or what tools/deployment/install_onnxruntime_headers.sh
+    unpacked into the cache; None if none has them."""
+    cache = os.environ.get('SASA_MMDET_CACHE',
+                           os.path.join(os.path.expanduser('~'), '.cache', 'sasa_mmdet'))
+    for directory in (os.environ.get('ONNXRUNTIME_INCLUDE_DIR'), '/usr/include/onnxruntime',
+                      os.path.join(cache, 'onnxruntime-headers', 'include', 'onnxruntime')):
+        if directory and os.path.isfile(os.path.join(directory, 'onnxruntime_cxx_api.h')):
+            return directory
+    return None
+
+
+def onnxruntime_extensions():
+    """The onnxruntime custom-op library (sasa_mmdet::LocalAttention), built
+    from the CPU backend's kernel source (csrc/local_attention_core.h); no
+    torch, no onnxruntime library at link time (onnxruntime hands it its API
+    when it loads it). Skipped, with a message, without onnxruntime's headers."""
+    from setuptools import Extension
+    include = onnxruntime_include_dir()
+    if include is None:
+        print('sasa_mmdet: onnxruntime C/C++ headers not found: the onnxruntime custom-op '
+              'library is not built (bash tools/deployment/install_onnxruntime_headers.sh, '
+              'or set ONNXRUNTIME_INCLUDE_DIR)')
+        return []
+    flags = ['-O3', '-std=c++17', '-fvisibility=hidden']
+    if native_build():
+        flags.append('-march=native')
+    return [
+        Extension(
+            'sasa_mmdet.deployment._onnxruntime_ops',
+            ['sasa_mmdet/deployment/csrc/onnxruntime_local_attention.cpp'],
+            include_dirs=[include, os.path.join(ROOT, 'sasa_mmdet', 'layers', 'csrc')],
+            depends=['sasa_mmdet/layers/csrc/local_attention_core.h'],
+            extra_compile_args=flags,
+            language='c++')
+    ]
 
 
 def build_ext_class():

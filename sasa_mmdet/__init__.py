@@ -11,7 +11,10 @@ The public classes and functions import from here::
 
     from sasa_mmdet import (AttentionStem, LocalSelfAttention2d, SASAFPN,
                             SASAResNet, SASARetinaHead, local_attention,
-                            local_attention_reference)
+                            local_attention_reference, onnxruntime_ops_path)
+
+``onnxruntime_ops_path()`` is the onnxruntime custom-op library that runs
+the exported ``sasa_mmdet::LocalAttention`` nodes (:mod:`sasa_mmdet.deployment`).
 
 The attention layer itself needs only torch and mmengine: without mmdet
 and mmcv installed (a bare GPU machine, ``tools/gpu_check.sh``), importing
@@ -27,13 +30,15 @@ from . import layers  # noqa: F401  (registers the attention layers)
 from .layers import (AttentionStem, LocalSelfAttention2d,
                      SpatiallyAwareAttention2d, local_attention,
                      local_attention_reference)
+from .deployment import onnxruntime_ops_path
 from .layers.attention_weights import local_attention_weights
 
 __version__ = '0.1.0'
 
 __all__ = [
     'AttentionStem', 'LocalSelfAttention2d', 'SpatiallyAwareAttention2d',
-    'local_attention', 'local_attention_reference', 'local_attention_weights'
+    'local_attention', 'local_attention_reference', 'local_attention_weights',
+    'onnxruntime_ops_path'
 ]
 
 

@@ -68,7 +68,8 @@ WHEELS="$CACHE/wheels/py311-torch${TORCH_VERSION}-${OPS_KEY}"
 
 inputs_hash() {
   { cat "$ROOT/tools/setup_env.sh" "$ROOT/requirements/"*.txt "$ROOT/setup.py" "$ROOT/pyproject.toml" \
-        "$ROOT"/sasa_mmdet/layers/csrc/*; echo "$OPS_KEY native=$SASA_MMDET_NATIVE"; } | sha256sum | cut -c1-16
+        "$ROOT"/sasa_mmdet/layers/csrc/* "$ROOT"/sasa_mmdet/deployment/csrc/*; echo "$OPS_KEY native=$SASA_MMDET_NATIVE"
+    ls "${CACHE}/onnxruntime-headers/include/onnxruntime" /usr/include/onnxruntime 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 
 verify() {
@@ -93,6 +94,11 @@ print(f'[setup_env] ready: torch {torch.__version__} (CUDA {torch.version.cuda},
 PY
 }
 
+# onnxruntime's C/C++ headers, for the package's onnxruntime custom-op library
+# (from Debian's libonnxruntime-dev; quick when already there). Without them
+# the library is not built and its tests skip.
+bash "$ROOT/tools/deployment/install_onnxruntime_headers.sh" \
+  || say "WARNING: no onnxruntime headers: the onnxruntime custom-op library will not be built"
 HASH="$(inputs_hash)"
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" ]]; then
   say "environment in .venv is up to date; verifying"

@@ -15,8 +15,10 @@ per backend (``backends/``):
 
 ``impl='auto'`` picks ``'cpp'`` for CPU tensors when the kernel is built,
 ``'triton'`` for CUDA tensors when triton is installed, ``'torch'``
-otherwise. During ``torch.onnx.export`` the layer runs the ``'torch'``
-forward directly, which is made of standard ONNX operators only.
+otherwise. During ``torch.onnx.export`` the layer records what
+``backends/onnx_graph.py`` says: a few standard ONNX operators per layer
+(default), or the registered op, exported as one ``sasa_mmdet::LocalAttention``
+node (``sasa_mmdet.deployment``).
 
 All follow the paper's formula (Ramachandran et al., 2019, eq. 3):
 
@@ -34,7 +36,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .backends import cpu, pytorch
+from .backends import cpu, onnx_graph, pytorch
 from .backends.cpu import cpu_kernel  # noqa: F401  (re-exported)
 from .backends.geometry import neighbourhood_mask, window_offsets  # noqa: F401
 from .backends.pytorch import relative_logits  # noqa: F401
@@ -339,9 +341,9 @@ def local_attention(query: Tensor,
     window, dilation = tuple(window), tuple(dilation)
     _check_inputs(query, key, value, rel_row, rel_col, window, dilation)
     if torch.onnx.is_in_onnx_export():
-        # Standard operators only: no custom op in the exported graph.
-        return pytorch.forward(query, key, value, rel_row, rel_col, window, dilation,
-                               False)[0]
+        # Standard operators, or one fused node: onnx_graph.export_graph().
+        return onnx_graph.export_forward(query, key, value, rel_row, rel_col, window,
+                                         dilation)
     backend = resolve_backend(impl, query.device)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, rel_row, rel_col))

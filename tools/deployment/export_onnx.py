@@ -1,21 +1,45 @@
-"""Export a detector's network to ONNX (tensor mode) and check it in onnxruntime.
+"""Export a detector to ONNX and check it in onnxruntime against PyTorch.
 
-The exported graph is the network in MMDetection's ``mode='tensor'``:
-input the preprocessed image batch (normalised and padded, what
-``DetDataPreprocessor`` gives, ``(B, 3, H, W)``), outputs the dense head's
-raw per-level maps before decoding and NMS -- for RetinaNet
-``cls_score_0 .. cls_score_{L-1}`` ``(B, A * classes, H_l, W_l)`` then
-``bbox_pred_0 .. bbox_pred_{L-1}`` ``(B, A * 4, H_l, W_l)``, the tensors
-mmdeploy's RetinaNet graphs end with before their NMS. During export the
-attention layers run a path made of standard ONNX operators (pad, shifted
-slices, masked softmax); the tool refuses a graph that has a node outside
-the standard ``ai.onnx`` domain.
+What the graph returns:
 
-It then runs the file in onnxruntime (CPU) on the same input, prints the
-largest absolute difference from PyTorch for every output and fails if one
-is above ``--rtol`` (1e-4) times that output's largest magnitude. With
-``--dynamic`` (batch, height and width free) it checks a second input of
-another batch size and shape as well.
+- end to end (default): detections, ``dets (B, N, 5)`` (x1, y1, x2, y2,
+  score) and ``labels (B, N)``, mmdeploy's layout, N = the head's
+  ``max_per_img`` (rows past an image's detections: score 0, label -1):
+  box decoding and ONNX ``NonMaxSuppression`` are in the graph
+  (``sasa_mmdet.deployment.End2EndDetector``; RetinaNet-style heads);
+- ``--tensor-only``: the network in MMDetection's ``mode='tensor'``, the
+  dense head's raw per-level maps before decoding and NMS -- for RetinaNet
+  ``cls_score_0 .. cls_score_{L-1}`` ``(B, A * classes, H_l, W_l)`` then
+  ``bbox_pred_0 .. bbox_pred_{L-1}`` ``(B, A * 4, H_l, W_l)``.
+
+Either way the input is the preprocessed image batch (normalised and
+padded, what ``DetDataPreprocessor`` gives, ``(B, 3, H, W)``); boxes are in
+its coordinates (``tools/deployment/onnx_inference.py`` does the
+pre-processing and the rescaling for an image).
+
+How the attention layers are exported (``--backend``):
+
+- ``onnxruntime``: one ``sasa_mmdet::LocalAttention`` node per layer, run by
+  the package's onnxruntime custom-op library (the CPU kernel; load it with
+  ``SessionOptions.register_custom_ops_library(
+  sasa_mmdet.onnxruntime_ops_path())``). The default when the library is built;
+- ``onnx``: standard ONNX operators only, runs in any ONNX runtime (a few
+  Gathers and MatMuls and one Softmax per layer); the default otherwise;
+- ``onnx-per-tap``: standard operators, one Slice/Mul/ReduceSum chain per
+  window tap: the standard graph of earlier versions, for comparison.
+
+The tool says which it uses, and refuses a graph with a node outside the
+standard ``ai.onnx`` domain (``onnx``, ``onnx-per-tap``) or outside it and
+``sasa_mmdet`` (``onnxruntime``).
+
+It then runs the file in onnxruntime (CPU) on the same input. Tensor mode:
+it prints the largest absolute difference from PyTorch for every output and
+fails if one is above ``--rtol`` (1e-4) times that output's largest
+magnitude. End to end: it compares the detections with MMDetection's own
+``predict`` on the same batch and fails unless they are the same number of
+boxes with the same labels, and boxes and scores within ``--box-rtol``
+(1e-3) of the box scale. With ``--dynamic`` (batch, height and width free) it
+checks a second input of another batch size and shape as well.
 
 Random weights: without a checkpoint the network keeps its modules' own
 random initialisation, made well-conditioned first, as training makes a
@@ -32,14 +56,20 @@ With a checkpoint neither is applied (scale 1, no calibration).
 
 Examples::
 
-    # the demo attention RetinaNet, trained (bash tools/run_demo.sh)
+    # the demo attention RetinaNet, trained (bash tools/run_demo.sh), end
+    # to end, fused attention nodes
     python tools/deployment/export_onnx.py \
         configs/demo/retinanet_sasa-tiny_shapes.py \
         work_dirs/retinanet_sasa-tiny_shapes/epoch_36.pth --shape 160 160 \
-        --out work_dirs/onnx/retinanet_sasa-tiny_shapes.onnx --dynamic
+        --out work_dirs/onnx/retinanet_sasa-tiny_shapes.onnx
+    # standard operators only, tensor outputs, dynamic shapes
+    python tools/deployment/export_onnx.py \
+        configs/demo/retinanet_sasa-tiny_shapes.py \
+        work_dirs/retinanet_sasa-tiny_shapes/epoch_36.pth --shape 160 160 \
+        --backend onnx --tensor-only --dynamic
     # a Table 2 config at random initialisation
     python tools/deployment/export_onnx.py \
-        configs/retinanet_sasa-attnstem_r50_sasa-fpn_sasa-head.py \
+        configs/sasa/retinanet_sasa-attnstem-r50_sasa-fpn-head_1x_coco.py \
         --shape 128 128 --out work_dirs/onnx/attnstem.onnx
 """
 import argparse
@@ -49,7 +79,7 @@ import os.path as osp
 import sys
 import time
 import warnings
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,6 +88,8 @@ from mmengine.config import DictAction
 
 #: ONNX domains of the standard operators ('' is ai.onnx's canonical name).
 STANDARD_DOMAINS = ('', 'ai.onnx')
+#: --backend choices (sasa_mmdet.layers.backends.onnx_graph.GRAPHS).
+BACKENDS = ('onnxruntime', 'onnx', 'onnx-per-tap')
 MIN_OPSET = 13  # Softmax over one axis (what the attention's masked softmax needs)
 
 
@@ -67,9 +99,9 @@ def log(message: str) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Export a detector (tensor mode: per-level class scores '
-        'and box deltas, before NMS) to ONNX with standard operators only, '
-        'and check it in onnxruntime against PyTorch')
+        description='Export a detector to ONNX (end to end: boxes, scores and '
+        'labels after NMS; or tensor mode) and check it in onnxruntime against '
+        'PyTorch')
     parser.add_argument('config', help='config file path')
     parser.add_argument(
         'checkpoint', nargs='?', default=None,
@@ -82,6 +114,21 @@ def parse_args(argv=None):
     parser.add_argument(
         '--out', default=None,
         help='output .onnx file; default work_dirs/onnx/<config name>.onnx')
+    parser.add_argument(
+        '--backend', choices=BACKENDS, default=None,
+        help="how the attention layers are exported: 'onnxruntime' (one fused "
+        "sasa_mmdet::LocalAttention node per layer, needs the package's "
+        "onnxruntime custom-op library), 'onnx' (standard operators only), "
+        "'onnx-per-tap' (standard operators, the older per-tap graph); default: "
+        "'onnxruntime' when the library is built, else 'onnx'")
+    parser.add_argument(
+        '--tensor-only', action='store_true',
+        help='export the network in tensor mode (per-level class scores and box '
+        'deltas, before decoding and NMS) instead of end-to-end detections')
+    parser.add_argument(
+        '--box-rtol', type=float, default=1e-3,
+        help='end to end: largest allowed |onnxruntime - PyTorch| of boxes and '
+        'scores, relative to the largest box coordinate; default 1e-3')
     parser.add_argument(
         '--dynamic', action='store_true',
         help='export with dynamic batch size, height and width')
@@ -123,6 +170,8 @@ def parse_args(argv=None):
         parser.error(f'--calibrate-bn must be >= 0, got {args.calibrate_bn}')
     if not args.rtol > 0:
         parser.error(f'--rtol must be positive, got {args.rtol}')
+    if not args.box_rtol > 0:
+        parser.error(f'--box-rtol must be positive, got {args.box_rtol}')
     if args.out is None:
         name = osp.splitext(osp.basename(args.config))[0]
         args.out = osp.join('work_dirs', 'onnx', name + '.onnx')
@@ -227,14 +276,15 @@ def calibrate_batchnorm(detector: nn.Module, shape: Tuple[int, int], batches: in
     return len(norms)
 
 
-def non_standard_nodes(model) -> List[str]:
+def non_standard_nodes(model, allowed: Sequence[str] = ()) -> List[str]:
     """Nodes of an ``onnx.ModelProto`` (subgraphs included) outside the
-    standard ONNX domain, as ``'domain::OpType (node name)'``."""
+    standard ONNX domain and the ``allowed`` ones, as
+    ``'domain::OpType (node name)'``."""
     found = []
 
     def visit(graph):
         for node in graph.node:
-            if node.domain not in STANDARD_DOMAINS:
+            if node.domain not in STANDARD_DOMAINS and node.domain not in allowed:
                 found.append(f'{node.domain}::{node.op_type} ({node.name or "unnamed"})')
             for attr in node.attribute:
                 if attr.g is not None and attr.g.node:
@@ -246,50 +296,88 @@ def non_standard_nodes(model) -> List[str]:
     return found
 
 
-def check_standard_ops(path: str) -> Dict[str, int]:
+def check_standard_ops(path: str, allowed: Sequence[str] = ()) -> Dict[str, int]:
     """Check an ONNX file and return its operator counts.
 
+    Args:
+        path (str): The ONNX file.
+        allowed (Sequence[str]): Custom domains allowed besides the standard
+            one (``('sasa_mmdet',)`` for ``--backend onnxruntime``).
+
     Raises:
-        ValueError: If a node is outside the standard ``ai.onnx`` domain
-            (a custom operator, e.g. an attention op that had no export
-            path), or the model imports another operator set.
+        ValueError: If a node is outside the standard ``ai.onnx`` domain and
+            ``allowed`` (a custom operator, e.g. an attention op that had no
+            export path), or the model imports another operator set.
     """
     import onnx
 
     model = onnx.load(path)
     onnx.checker.check_model(model)
-    custom = non_standard_nodes(model)
+    custom = non_standard_nodes(model, allowed)
     if custom:
-        raise ValueError(f'{path} has {len(custom)} node(s) outside the standard ONNX '
-                         f'domain: {", ".join(custom[:10])}'
-                         + (' ...' if len(custom) > 10 else ''))
-    domains = [imp.domain for imp in model.opset_import if imp.domain not in STANDARD_DOMAINS]
+        where = 'the standard ONNX domain' + (f' and {", ".join(allowed)}' if allowed else '')
+        raise ValueError(f'{path} has {len(custom)} node(s) outside {where}: '
+                         f'{", ".join(custom[:10])}' + (' ...' if len(custom) > 10 else ''))
+    domains = [imp.domain for imp in model.opset_import
+               if imp.domain not in STANDARD_DOMAINS and imp.domain not in allowed]
     if domains:
         raise ValueError(f'{path} imports non-standard operator sets {domains}')
     return dict(collections.Counter(node.op_type for node in model.graph.node))
 
 
-def export(network: TensorModeNetwork, inputs: torch.Tensor, out: str, opset: int = 17,
-           dynamic: bool = False) -> List[str]:
-    """``torch.onnx.export`` (TorchScript exporter, ``dynamo=False``).
+def resolve_backend(backend: Optional[str]) -> Tuple[str, str]:
+    """The ``--backend`` to use and why: the given one, or 'onnxruntime' when
+    the custom-op library is built, else 'onnx'.
+
+    Raises:
+        FileNotFoundError: 'onnxruntime' asked for without the library.
+    """
+    from sasa_mmdet.deployment import onnxruntime_ops_available, onnxruntime_ops_path
+    if backend is None:
+        if onnxruntime_ops_available():
+            return 'onnxruntime', 'default: the onnxruntime custom-op library is built'
+        return 'onnx', ('default: the onnxruntime custom-op library is not built, so '
+                        'standard operators only')
+    if backend == 'onnxruntime':
+        onnxruntime_ops_path()  # raises with what to do when it is not built
+    return backend, 'asked for'
+
+
+def export(network: nn.Module, inputs: torch.Tensor, out: str, opset: int = 17,
+           dynamic: bool = False, backend: str = 'onnx') -> List[str]:
+    """``torch.onnx.export`` (TorchScript exporter, ``dynamo=False``), the
+    attention recorded as ``backend`` says (:data:`BACKENDS`).
+
+    Args:
+        network (nn.Module): A :class:`TensorModeNetwork` or an
+            ``End2EndDetector`` (its ``output_names``).
 
     Returns:
         list[str]: The output names.
     """
+    from sasa_mmdet.deployment import register_onnx_symbolic
+    from sasa_mmdet.layers.backends.onnx_graph import export_graph
+
     with torch.no_grad():
-        network(inputs)  # sets the output names
+        network(inputs)  # sets a TensorModeNetwork's output names
     names = list(network.output_names)
     dynamic_axes = None
     if dynamic:
         dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
-        dynamic_axes.update({name: {0: 'batch', 2: f'{name}_height', 3: f'{name}_width'}
-                             for name in names})
+        if isinstance(network, TensorModeNetwork):
+            dynamic_axes.update({name: {0: 'batch', 2: f'{name}_height',
+                                        3: f'{name}_width'} for name in names})
+        else:
+            dynamic_axes.update({name: {0: 'batch'} for name in names})
+    if backend == 'onnxruntime':
+        register_onnx_symbolic(opset)
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), export_graph(backend, dynamic):
         # shape checks read as constants under tracing; the static window
         # loops are meant to be unrolled
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
         warnings.filterwarnings('ignore', message='Constant folding - Only steps=1')
+        warnings.filterwarnings('ignore', category=DeprecationWarning)
         torch.onnx.export(
             network, (inputs, ), out, input_names=['input'], output_names=names,
             opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
@@ -297,8 +385,23 @@ def export(network: TensorModeNetwork, inputs: torch.Tensor, out: str, opset: in
     return names
 
 
+def onnxruntime_session(path: str, backend: str = 'onnx', threads: int = 0):
+    """An onnxruntime CPU session of ``path``, with the package's custom-op
+    library registered for ``backend='onnxruntime'``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if backend == 'onnxruntime':
+        from sasa_mmdet.deployment import onnxruntime_ops_path
+        options.register_custom_ops_library(onnxruntime_ops_path())
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
 def compare_with_onnxruntime(path: str, network: nn.Module, inputs: torch.Tensor,
-                             names: Sequence[str], rtol: float) -> List[dict]:
+                             names: Sequence[str], rtol: float,
+                             backend: str = 'onnx') -> List[dict]:
     """Run ``path`` in onnxruntime (CPU) and PyTorch on ``inputs``.
 
     Returns:
@@ -306,9 +409,7 @@ def compare_with_onnxruntime(path: str, network: nn.Module, inputs: torch.Tensor
         ``scale`` (largest |PyTorch| value), ``relative`` and ``ok``
         (``relative <= rtol``).
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    session = onnxruntime_session(path, backend)
     got = session.run(None, {'input': inputs.numpy()})
     with torch.no_grad():
         want = [t.numpy() for t in network(inputs)]
@@ -326,19 +427,72 @@ def compare_with_onnxruntime(path: str, network: nn.Module, inputs: torch.Tensor
     return rows
 
 
-def main(argv=None) -> dict:
-    """Export and check; returns what was done (``checks``: per input, the
-    rows of :func:`compare_with_onnxruntime`; ``network``: the exported
-    :class:`TensorModeNetwork`)."""
-    args = parse_args(argv)
+def mmdet_detections(detector: nn.Module, inputs: torch.Tensor) -> List[dict]:
+    """MMDetection's own ``predict`` on a preprocessed batch (image shape =
+    the input's, scale factor 1): per image ``bboxes``, ``scores``,
+    ``labels`` (numpy)."""
+    from mmdet.structures import DetDataSample
+
+    height, width = inputs.shape[-2:]
+    samples = []
+    for _ in range(inputs.shape[0]):
+        sample = DetDataSample()
+        sample.set_metainfo(dict(img_shape=(height, width), ori_shape=(height, width),
+                                 pad_shape=(height, width), scale_factor=(1.0, 1.0),
+                                 batch_input_shape=(height, width)))
+        samples.append(sample)
+    with torch.no_grad():
+        results = detector.predict(inputs, samples, rescale=False)
+    return [dict(bboxes=r.pred_instances.bboxes.numpy(), scores=r.pred_instances.scores.numpy(),
+                 labels=r.pred_instances.labels.numpy()) for r in results]
+
+
+def _best_first(detections: dict) -> np.ndarray:
+    """The order best score first; equal scores (to 1e-5) by label, then
+    by box (to 0.01 px), so that ties sort alike in both runs."""
+    boxes = np.round(np.asarray(detections['bboxes'], np.float64).reshape(-1, 4), 2)
+    keys = [boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], detections['labels'],
+            -np.round(np.asarray(detections['scores'], np.float64), 5)]
+    return np.lexsort(keys)
+
+
+def compare_detections(got: List[dict], want: List[dict], rtol: float) -> List[dict]:
+    """Detections of onnxruntime (``got``) against PyTorch's (``want``), per
+    image: ``count`` (both), ``labels_equal``, ``max_box_diff``,
+    ``max_score_diff``, ``scale`` (largest |box coordinate|), ``relative``
+    (box difference / scale) and ``ok``: same count and labels, boxes and
+    scores within ``rtol`` (scores: absolute). Both lists are compared best
+    score first."""
+    rows = []
+    for g, w in zip(got, want):
+        order_g = _best_first(g)
+        order_w = _best_first(w)
+        count = (len(g['scores']), len(w['scores']))
+        same = count[0] == count[1]
+        labels_equal = same and bool(np.array_equal(g['labels'][order_g],
+                                                    w['labels'][order_w]))
+        box_diff = float(np.abs(g['bboxes'][order_g] - w['bboxes'][order_w]).max()) \
+            if same and count[0] else 0.0
+        score_diff = float(np.abs(g['scores'][order_g] - w['scores'][order_w]).max()) \
+            if same and count[0] else 0.0
+        scale = float(np.abs(w['bboxes']).max()) if count[1] else 1.0
+        relative = box_diff / scale
+        rows.append(dict(count=count, labels_equal=labels_equal, max_box_diff=box_diff,
+                         max_score_diff=score_diff, scale=scale, relative=relative,
+                         ok=bool(same and labels_equal and relative <= rtol
+                                 and score_diff <= rtol)))
+    return rows
+
+
+def build_detector(args) -> nn.Module:
+    """The config's detector, with the checkpoint or conditioned random
+    weights (module docstring)."""
     from sasa_mmdet.utils.inference import load_detector
 
-    start = time.perf_counter()
     log(f'building {args.config}' + (f' with {args.checkpoint}' if args.checkpoint
                                      else ' (random initialisation, no checkpoint)'))
     torch.manual_seed(args.seed)  # the random initialisation, when no checkpoint
     detector = load_detector(args.config, args.checkpoint, args.cfg_options)
-    height, width = args.shape
     scale = args.residual_scale or (1.0 if args.checkpoint else 0.1)
     batches = args.calibrate_bn if args.calibrate_bn is not None else \
         (0 if args.checkpoint else 2)
@@ -350,20 +504,51 @@ def main(argv=None) -> dict:
     if calibrated:
         log(f'set the statistics of {calibrated} BatchNorm layers from {batches} random '
             'batches of 4 (--calibrate-bn)')
-    network = TensorModeNetwork(detector).eval()
+    return detector.eval()
+
+
+def main(argv=None, detector: Optional[nn.Module] = None) -> dict:
+    """Export and check; returns what was done (``checks``: per input, the
+    rows of :func:`compare_with_onnxruntime` (tensor mode) or
+    :func:`compare_detections` (end to end); ``network``: the exported
+    module; ``export_s``: seconds of ``torch.onnx.export``).
+
+    Args:
+        argv (list[str]): Command-line arguments.
+        detector (nn.Module, optional): Export this detector instead of
+            building it from the config and checkpoint (tests).
+    """
+    args = parse_args(argv)
+    from sasa_mmdet.deployment import End2EndDetector
+
+    start = time.perf_counter()
+    backend, why = resolve_backend(args.backend)
+    log(f'attention layers: --backend {backend} ({why})')
+    if detector is None:
+        detector = build_detector(args)
+    height, width = args.shape
+    network = TensorModeNetwork(detector) if args.tensor_only else End2EndDetector(detector)
+    network.eval()
     generator = torch.Generator().manual_seed(args.seed)
     inputs = torch.randn(1, 3, height, width, generator=generator)
 
-    log(f'exporting to {args.out} (opset {args.opset}, input 1x3x{height}x{width}'
+    mode = 'tensor mode' if args.tensor_only else 'end to end (dets, labels)'
+    log(f'exporting {mode} to {args.out} (opset {args.opset}, input 1x3x{height}x{width}'
         f'{", dynamic batch/height/width" if args.dynamic else ""})')
-    names = export(network, inputs, args.out, args.opset, args.dynamic)
-    ops = check_standard_ops(args.out)
+    export_start = time.perf_counter()
+    names = export(network, inputs, args.out, args.opset, args.dynamic, backend)
+    export_s = time.perf_counter() - export_start
+    allowed = ('sasa_mmdet', ) if backend == 'onnxruntime' else ()
+    ops = check_standard_ops(args.out, allowed)
     size_mb = osp.getsize(args.out) / 2**20
-    log(f'wrote {args.out} ({size_mb:.1f} MB, {sum(ops.values())} nodes, standard ONNX '
-        f'operators only: {", ".join(f"{k} {v}" for k, v in sorted(ops.items()))})')
+    kinds = 'standard ONNX operators and sasa_mmdet::LocalAttention' if allowed else \
+        'standard ONNX operators only'
+    log(f'wrote {args.out} in {export_s:.1f} s ({size_mb:.1f} MB, {sum(ops.values())} nodes, '
+        f'{kinds}: {", ".join(f"{k} {v}" for k, v in sorted(ops.items()))})')
     result = dict(config=args.config, checkpoint=args.checkpoint, out=args.out,
-                  opset=args.opset, dynamic=args.dynamic, outputs=names, ops=ops,
-                  checks=[], network=network)
+                  opset=args.opset, dynamic=args.dynamic, backend=backend,
+                  end2end=not args.tensor_only, outputs=names, ops=ops, checks=[],
+                  network=network, export_s=export_s)
     if args.skip_check:
         log(f'done in {time.perf_counter() - start:.1f} s (onnxruntime check skipped)')
         return result
@@ -373,23 +558,49 @@ def main(argv=None) -> dict:
         checks.append(torch.randn(2, 3, height + 32, max(width - 32, 32), generator=generator))
     failed = []
     for x in checks:
-        rows = compare_with_onnxruntime(args.out, network, x, names, args.rtol)
-        worst = max(rows, key=lambda r: r['relative'])
         shape = 'x'.join(map(str, x.shape))
-        log(f'onnxruntime vs PyTorch on {shape}: largest |difference| '
-            f'{max(r["max_abs_diff"] for r in rows):.3g} (worst relative '
-            f'{worst["relative"]:.3g} at {worst["name"]}, allowed {args.rtol:g})')
-        for row in rows:
-            log(f'  {row["name"]:<14} {"x".join(map(str, row["shape"])):<16} '
-                f'max |diff| {row["max_abs_diff"]:.3g}  scale {row["scale"]:.3g}  '
-                f'relative {row["relative"]:.3g}{"" if row["ok"] else "  FAIL"}')
-        result['checks'].append(dict(input_shape=tuple(x.shape), outputs=rows))
-        failed += [f'{r["name"]} on {shape} ({r["relative"]:.3g})' for r in rows if not r['ok']]
+        if args.tensor_only:
+            failed += _check_tensors(args, network, names, x, shape, backend, result)
+        else:
+            failed += _check_detections(args, detector, x, shape, backend, result)
     if failed:
-        raise SystemExit(f'[export_onnx] FAILED: onnxruntime differs from PyTorch by more '
-                         f'than {args.rtol:g} of the output scale: {", ".join(failed)}')
+        raise SystemExit(f'[export_onnx] FAILED: onnxruntime differs from PyTorch: '
+                         f'{", ".join(failed)}')
     log(f'done in {time.perf_counter() - start:.1f} s: {args.out} matches PyTorch')
     return result
+
+
+def _check_tensors(args, network, names, x, shape, backend, result) -> List[str]:
+    rows = compare_with_onnxruntime(args.out, network, x, names, args.rtol, backend)
+    worst = max(rows, key=lambda r: r['relative'])
+    log(f'onnxruntime vs PyTorch on {shape}: largest |difference| '
+        f'{max(r["max_abs_diff"] for r in rows):.3g} (worst relative '
+        f'{worst["relative"]:.3g} at {worst["name"]}, allowed {args.rtol:g})')
+    for row in rows:
+        log(f'  {row["name"]:<14} {"x".join(map(str, row["shape"])):<16} '
+            f'max |diff| {row["max_abs_diff"]:.3g}  scale {row["scale"]:.3g}  '
+            f'relative {row["relative"]:.3g}{"" if row["ok"] else "  FAIL"}')
+    result['checks'].append(dict(input_shape=tuple(x.shape), outputs=rows))
+    return [f'{r["name"]} on {shape} ({r["relative"]:.3g} > {args.rtol:g})'
+            for r in rows if not r['ok']]
+
+
+def _check_detections(args, detector, x, shape, backend, result) -> List[str]:
+    from sasa_mmdet.deployment import detections_from_outputs
+
+    dets, labels = onnxruntime_session(args.out, backend).run(None, {'input': x.numpy()})
+    got = detections_from_outputs(dets, labels)
+    want = mmdet_detections(detector, x)
+    rows = compare_detections(got, want, args.box_rtol)
+    for image, row in enumerate(rows):
+        log(f'onnxruntime vs MMDetection predict on {shape}, image {image}: '
+            f'{row["count"][0]} / {row["count"][1]} detections, labels '
+            f'{"equal" if row["labels_equal"] else "DIFFER"}, max |box diff| '
+            f'{row["max_box_diff"]:.3g} (relative {row["relative"]:.3g}), max |score diff| '
+            f'{row["max_score_diff"]:.3g}, allowed {args.box_rtol:g}'
+            f'{"" if row["ok"] else "  FAIL"}')
+    result['checks'].append(dict(input_shape=tuple(x.shape), detections=rows))
+    return [f'detections of image {i} on {shape}' for i, r in enumerate(rows) if not r['ok']]
 
 
 if __name__ == '__main__':

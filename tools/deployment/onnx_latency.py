@@ -1,11 +1,19 @@
 """onnxruntime CPU latency of ONNX files, measured side by side in one run.
 
 Each file gets its own ``InferenceSession`` (CPU execution provider, all
-graph optimisations); after ``--warmup`` runs each, the files are run in
-turn, round after round, on the same random input of their own input shape,
-so that a change of machine load touches them alike. Prints the median and
-the 10th/90th percentiles per file and the ratio of medians to the first
-file; ``--json`` also writes them.
+graph optimisations; files with ``sasa_mmdet::LocalAttention`` nodes get
+the package's custom-op library); after ``--warmup`` runs each, the files
+are run in turn, round after round, on the same random input of their own
+input shape, so that a change of machine load touches them alike. Prints the
+median and the 10th/90th percentiles per file and the ratio of medians to
+the first file; ``--json`` also writes them.
+
+The sessions' intra-op threads do not spin-wait (``--spinning`` turns it
+back on, onnxruntime's default): a session's threads spin for a while after
+each of its runs, so in turn-by-turn runs they take the cores from the next
+file's session. Measured on 2 cores: with spinning, one demo attention layer
+took 44 ms beside its convolution instead of 5 ms alone; a graph of many
+small nodes suffers most, so the ratios would be wrong.
 
 Example::
 
@@ -33,6 +41,9 @@ def parse_args(argv=None):
                         '(default: the static size, else 640 640)')
     parser.add_argument('--threads', type=int, default=0,
                         help='onnxruntime intra-op threads (0: its default)')
+    parser.add_argument('--spinning', action='store_true',
+                        help="let the sessions' threads spin-wait between runs "
+                        "(onnxruntime's default; see the module docstring)")
     parser.add_argument('--json', default=None, help='also write the results here')
     args = parser.parse_args(argv)
     for name in ('repeats', 'warmup'):
@@ -43,6 +54,13 @@ def parse_args(argv=None):
     if missing:
         parser.error(f'no such ONNX file: {", ".join(missing)}')
     return args
+
+
+def _uses_custom_ops(path: str) -> bool:
+    """Whether the file imports the ``sasa_mmdet`` operator domain."""
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+    return any(imp.domain == 'sasa_mmdet' for imp in model.opset_import)
 
 
 def _input(session, shape):
@@ -60,12 +78,17 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if args.threads:
-        options.intra_op_num_threads = args.threads
     runs = []
     for path in args.files:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if args.threads:
+            options.intra_op_num_threads = args.threads
+        options.add_session_config_entry('session.intra_op.allow_spinning',
+                                         '1' if args.spinning else '0')
+        if _uses_custom_ops(path):
+            from sasa_mmdet.deployment import onnxruntime_ops_path
+            options.register_custom_ops_library(onnxruntime_ops_path())
         session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
         name, x = _input(session, args.shape)
         for _ in range(args.warmup):
@@ -78,7 +101,8 @@ def main(argv=None) -> list:
             run['times'].append(time.perf_counter() - start)
     results = []
     reference = None
-    print(f'onnxruntime {ort.__version__}, CPU, {args.repeats} runs each, interleaved')
+    print(f'onnxruntime {ort.__version__}, CPU, {args.repeats} runs each, interleaved, '
+          f'{args.threads or "default"} threads, spinning {"on" if args.spinning else "off"}')
     for run in runs:
         times = np.array(run['times'])
         median = float(np.median(times))
@@ -94,6 +118,7 @@ def main(argv=None) -> list:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(onnxruntime=ort.__version__, repeats=args.repeats,
+                           threads=args.threads, spinning=args.spinning,
                            results=results), f, indent=2)
     return results
 

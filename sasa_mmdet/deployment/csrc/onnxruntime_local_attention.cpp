@@ -1,0 +1,230 @@
+// onnxruntime custom-op library: the sasa_mmdet::LocalAttention node.
+//
+// The node is what the exporter records for the registered operator
+// torch.ops.sasa_mmdet.local_attention (sasa_mmdet/deployment/onnx_symbolic.py):
+//
+//   inputs:  query (B, N, D, H, W), key (B, N, D, H, W) -- an empty tensor when
+//            logits == "qr" --, value (B, N, Dv, H, W), and with q.r logits
+//            rel_row (kh, N, Dr), rel_col (kw, N, Dc), Dr + Dc = D; float32
+//   output:  (B, N, Dv, H, W), float32
+//   attributes: window (ints: kh, kw), dilation (ints: dh, dw), heads (int: N),
+//            logits (string: "qk+qr", "qk" or "qr")
+//
+// It runs the forward kernel of the CPU backend, local_attention_core.h (the
+// same source the PyTorch extension compiles; no second copy of the math), on
+// onnxruntime's intra-op thread pool. Only the C API's function table is used,
+// so the library loads into any onnxruntime whose API version is at least the
+// headers' (ORT_API_VERSION).
+//
+// Load it with SessionOptions.register_custom_ops_library(
+// sasa_mmdet.onnxruntime_ops_path()).
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "local_attention_core.h"
+
+namespace {
+
+// The kernel context of the Compute call running on this thread: its thread
+// pool runs parallel_for.
+thread_local const Ort::KernelContext* current_context = nullptr;
+
+}  // namespace
+
+namespace sasa_local_attention {
+
+int64_t max_threads() {
+  // onnxruntime does not tell a kernel its thread count; bands beyond it are
+  // merely smaller pieces of work.
+  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+}
+
+void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  if (current_context == nullptr || n <= 1) {
+    fn(0, n);
+    return;
+  }
+  current_context->ParallelFor(
+      [](void* data, size_t i) {
+        (*static_cast<const std::function<void(int64_t, int64_t)>*>(data))(
+            int64_t(i), int64_t(i) + 1);
+      },
+      size_t(n), 0, const_cast<std::function<void(int64_t, int64_t)>*>(&fn));
+}
+
+}  // namespace sasa_local_attention
+
+namespace {
+
+using namespace sasa_local_attention;
+
+std::runtime_error error(const std::string& message) {
+  return std::runtime_error("sasa_mmdet::LocalAttention: " + message);
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << ")";
+  return s.str();
+}
+
+// A contiguous (B, N, D, H, W) tensor as the kernel's planar view.
+template <typename ptr_t>
+Planar<ptr_t> planar(ptr_t* data, const std::vector<int64_t>& s) {
+  return {data, s[1] * s[2] * s[3] * s[4], s[2] * s[3] * s[4], s[3] * s[4], s[4], 1};
+}
+
+struct LocalAttentionKernel {
+  int64_t kh, kw, dh, dw, heads;
+  bool with_key, with_rel;
+
+  explicit LocalAttentionKernel(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo attributes(info);
+    const auto window = attributes.GetAttributes<int64_t>("window");
+    const auto dilation = attributes.GetAttributes<int64_t>("dilation");
+    heads = attributes.GetAttribute<int64_t>("heads");
+    const auto logits = attributes.GetAttribute<std::string>("logits");
+    if (window.size() != 2 || dilation.size() != 2 || window[0] < 1 || window[1] < 1 ||
+        dilation[0] < 1 || dilation[1] < 1)
+      throw error("window and dilation must be two positive ints each");
+    if (heads < 1) throw error("heads must be positive");
+    if (logits != "qk+qr" && logits != "qk" && logits != "qr")
+      throw error("logits must be 'qk+qr', 'qk' or 'qr', got '" + logits + "'");
+    kh = window[0], kw = window[1], dh = dilation[0], dw = dilation[1];
+    with_key = logits != "qr";
+    with_rel = logits != "qk";
+  }
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext context(raw_context);
+    const size_t expected = with_rel ? 5 : 3;
+    if (context.GetInputCount() != expected)
+      throw error("expects " + std::to_string(expected) + " inputs for these logits, got " +
+                  std::to_string(context.GetInputCount()));
+    const auto query = context.GetInput(0), key = context.GetInput(1),
+               value = context.GetInput(2);
+    const auto q_shape = query.GetTensorTypeAndShapeInfo().GetShape();
+    const auto v_shape = value.GetTensorTypeAndShapeInfo().GetShape();
+    if (q_shape.size() != 5 || v_shape.size() != 5)
+      throw error("query and value must be (B, N, D, H, W), got " + shape_string(q_shape) +
+                  " and " + shape_string(v_shape));
+    if (q_shape[1] != heads)
+      throw error("query has " + std::to_string(q_shape[1]) + " heads, the node says " +
+                  std::to_string(heads));
+    if (v_shape[0] != q_shape[0] || v_shape[1] != q_shape[1] || v_shape[3] != q_shape[3] ||
+        v_shape[4] != q_shape[4])
+      throw error("value " + shape_string(v_shape) + " must match query " +
+                  shape_string(q_shape) + " in batch, heads, height and width");
+    if (with_key && key.GetTensorTypeAndShapeInfo().GetShape() != q_shape)
+      throw error("key " + shape_string(key.GetTensorTypeAndShapeInfo().GetShape()) +
+                  " must be shaped like query " + shape_string(q_shape));
+    int64_t Dr = 0, Dc = 0;
+    const float *rel_row = nullptr, *rel_col = nullptr;
+    if (with_rel) {
+      const auto row = context.GetInput(3), col = context.GetInput(4);
+      const auto r_shape = row.GetTensorTypeAndShapeInfo().GetShape();
+      const auto c_shape = col.GetTensorTypeAndShapeInfo().GetShape();
+      if (r_shape.size() != 3 || c_shape.size() != 3 || r_shape[0] != kh || c_shape[0] != kw ||
+          r_shape[1] != heads || c_shape[1] != heads || r_shape[2] + c_shape[2] != q_shape[2])
+        throw error("rel_row and rel_col must be (kh, N, Dr) and (kw, N, Dc) with Dr + Dc = D, "
+                    "got " + shape_string(r_shape) + " and " + shape_string(c_shape));
+      Dr = r_shape[2], Dc = c_shape[2];
+      rel_row = row.GetTensorData<float>();
+      rel_col = col.GetTensorData<float>();
+    }
+    auto out = context.GetOutput(0, v_shape);
+    for (int64_t size : q_shape)
+      if (size == 0) return;  // an empty batch or map: nothing to compute
+    const Geometry g(q_shape[0], q_shape[3], q_shape[4], q_shape[1], q_shape[2], v_shape[2], kh,
+                     kw, dh, dw, Dr, Dc, Simd<float>::L);
+    const Planar<const float> none{nullptr, 0, 0, 0, 0, 0};
+    const Inputs<float> in{planar(query.GetTensorData<float>(), q_shape),
+                           with_key ? planar(key.GetTensorData<float>(), q_shape) : none,
+                           planar(value.GetTensorData<float>(), v_shape), rel_row, rel_col};
+    current_context = &context;
+    try {
+      forward_kernel<float>(g, in, planar(out.GetTensorMutableData<float>(), v_shape), nullptr);
+    } catch (...) {
+      current_context = nullptr;
+      throw;
+    }
+    current_context = nullptr;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
+    try {
+      Compute(context);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
+    }
+  }
+};
+
+struct LocalAttentionOp
+    : Ort::CustomOpBase<LocalAttentionOp, LocalAttentionKernel, /*WithStatus=*/true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const
+      noexcept {
+    try {
+      *kernel = new LocalAttentionKernel(info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+  }
+  const char* GetName() const { return "LocalAttention"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
+// The domains must outlive every session that uses them.
+std::mutex domains_mutex;
+std::vector<Ort::CustomOpDomain> domains;
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    // This onnxruntime is older than the headers the library was built with;
+    // every version's API starts with CreateStatus.
+    const std::string message =
+        "the sasa_mmdet custom-op library needs onnxruntime API version " +
+        std::to_string(ORT_API_VERSION) + " or later; this onnxruntime is " +
+        api_base->GetVersionString();
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, message.c_str());
+  }
+  Ort::InitApi(api);
+  static LocalAttentionOp op;
+  try {
+    Ort::CustomOpDomain domain("sasa_mmdet");
+    domain.Add(&op);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    std::lock_guard<std::mutex> lock(domains_mutex);
+    domains.push_back(std::move(domain));
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
+  }
+  return nullptr;
+}

@@ -1,0 +1,290 @@
+"""Export backend: local attention as a few standard ONNX operators per layer.
+
+What ``torch.onnx.export`` records for the attention when the graph must
+run anywhere (``export_onnx.py --backend onnx``), whatever the window: per
+layer a few Gathers and MatMuls and one Softmax, taps on the last axis, no
+per-tap chains, no Where.
+
+It works on blocks of ``bh x bw`` query pixels (:data:`BLOCK` = 4 per
+axis, or the map if smaller), as neighbourhood-attention kernels do: a
+block's queries together reach a ``(bh + kh' - 1) x (bw + kw' - 1)`` halo of
+keys (kh', kw': the dilated window's extent), so
+
+- one Gather per tensor collects the query blocks and the key and value
+  halos (rows of D channels, pixel-major; positions outside the image are
+  clamped to its border and masked);
+- the logits are two batched MatMuls per layer: q.k, ``(bh*bw, D) @ (D,
+  halo)`` per block, plus each query's terms per halo row and per halo
+  column -- its q.r terms (two small MatMuls against the relative tables laid
+  out per halo row and column, parameters only: folded at export) and the
+  mask's bias (:data:`MASKED` for a halo row or column outside the query's
+  window or the image, else 0) -- spread over the halo by a constant one-hot
+  ``(halo_h + halo_w, halo)``. Keys outside the window get softmax weight
+  exactly 0;
+- the softmax is over the last axis: one Softmax node, no transposes;
+- the weighted sum is one batched MatMul, ``(bh*bw, halo) @ (halo, Dv)``,
+  and one Gather puts the blocks' pixels back in image order.
+
+The products over the whole halo cost (halo / window) times the window's
+arithmetic (2.6x for a 5 x 5 window, 2x for 7 x 7) but run as a few matrix
+products: in onnxruntime (2 threads) a layer runs 1.5-2x faster than the
+per-tap graph, and has a fixed number of nodes. The indices and the biases
+depend only on the map size: with a static input size the exporter folds
+them into constants; with dynamic axes they are shape arithmetic. Numbers:
+the same function as every backend (``reference.local_attention_reference``);
+the softmax runs in float32.
+
+:func:`export_graph` chooses what an export records (:data:`GRAPHS`):
+``'onnx'`` this graph; ``'onnxruntime'`` the registered operator, which
+``sasa_mmdet.deployment`` exports as one ``sasa_mmdet::LocalAttention``
+node run by the package's onnxruntime custom-op library; ``'onnx-per-tap'``
+the PyTorch backend's forward, one Slice/Mul/ReduceSum chain per window tap
+(the standard graph before this one, kept to compare against).
+"""
+import contextlib
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import pytorch
+from .geometry import window_offsets
+
+#: Query block size (per axis) of the standard-operator graph.
+BLOCK = 4
+#: The logit bias of keys outside a query's window or the image: finite (a
+#: product with the one-hot channels stays finite), so large that its
+#: softmax weight is exactly 0 in float32.
+MASKED = -1e30
+#: What ``torch.onnx.export`` records for the attention (module docstring).
+GRAPHS = ('onnx', 'onnxruntime', 'onnx-per-tap')
+_STATE = dict(graph='onnx', dynamic=True)
+
+
+@contextlib.contextmanager
+def export_graph(graph: str, dynamic: bool = True) -> Iterator[None]:
+    """Within the block, ONNX exports record the attention as ``graph``.
+
+    Args:
+        graph (str): One of :data:`GRAPHS`.
+        dynamic (bool): Whether the export has dynamic axes. False lets the
+            standard graph read the map size as constants, so that its
+            indices and masks fold into constants (fewer nodes); such a
+            file only runs at the exported size.
+
+    Example:
+        >>> with export_graph('onnxruntime'):
+        ...     current_graph()
+        'onnxruntime'
+    """
+    if graph not in GRAPHS:
+        raise ValueError(f'graph must be one of {GRAPHS}, got {graph!r}')
+    previous = dict(_STATE)
+    _STATE.update(graph=graph, dynamic=bool(dynamic))
+    try:
+        yield
+    finally:
+        _STATE.update(previous)
+
+
+def current_graph() -> str:
+    """The graph an export records now (:func:`export_graph`; default 'onnx')."""
+    return _STATE['graph']
+
+
+class AxisBlocks:
+    """Query blocks and key halos along one axis (rows or columns).
+
+    Args:
+        size (int): The map's length along the axis (may be traced).
+        block (int): Queries per block.
+        window (int), dilation (int): The window along the axis.
+    """
+
+    def __init__(self, size, block: int, window: int, dilation: int) -> None:
+        offsets = window_offsets(window, dilation)
+        self.size, self.block, self.window = size, block, window
+        self.before = -offsets[0]
+        self.halo = block + offsets[-1] - offsets[0]
+        self.blocks = (size + block - 1) // block
+        self.offsets = offsets
+
+    def query_positions(self, device=None) -> Tensor:
+        """``(blocks, block)``: the pixel of each block query (past the
+        map's end for the last block's padding)."""
+        start = torch.arange(self.blocks, device=device) * self.block
+        return start[:, None] + torch.arange(self.block, device=device)[None]
+
+    def key_positions(self, device=None) -> Tensor:
+        """``(blocks, halo)``: the pixel of each halo key (may lie outside)."""
+        start = torch.arange(self.blocks, device=device) * self.block - self.before
+        return start[:, None] + torch.arange(self.halo, device=device)[None]
+
+    def taps(self) -> Tensor:
+        """``(block, halo)`` int64: the window tap of halo key a for block
+        query i, or ``window`` where a is outside i's window."""
+        table = [[self.window] * self.halo for _ in range(self.block)]
+        for i in range(self.block):
+            for t, offset in enumerate(self.offsets):
+                table[i][i + self.before + offset] = t
+        return torch.tensor(table)  # one constant in a traced graph
+
+
+def _flat_index(rows: Tensor, cols: Tensor, height, width) -> Tensor:
+    """Flat pixel index of ``rows[:, None] x cols[None, :]`` grids, per block:
+    ``(row blocks, col blocks, len_r, len_c)`` clamped into the image."""
+    rows = rows.clamp(0, height - 1)
+    cols = cols.clamp(0, width - 1)
+    # (Br, 1, r, 1) * W + (1, Bc, 1, c)
+    return rows[:, None, :, None] * width + cols[None, :, None, :]
+
+
+def relative_halo_table(table: Tensor, axis: AxisBlocks) -> Tensor:
+    """A relative table ``(k, N, Dr)`` laid out per block query and halo
+    key along its axis: ``(N, block, Dr, halo)``, zero outside the window."""
+    padded = torch.cat([table, table.new_zeros(1, *table.shape[1:])])  # (k + 1, N, Dr)
+    halo = padded[axis.taps().to(table.device)]  # (block, halo, N, Dr)
+    return halo.permute(2, 0, 3, 1)
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, recording nothing when it is that dtype already."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
+            rel_row: Optional[Tensor], rel_col: Optional[Tensor], window, dilation,
+            keep_attention: bool = False) -> Tuple[Tensor, Tensor]:
+    """Local attention in standard operators (module docstring);
+    ``(out, empty)`` like the other backends' forward (no map is kept:
+    nothing differentiates it).
+
+    Args:
+        query, key (Tensor): ``(B, N, D, H, W)``; key may be None (q.r only).
+        value (Tensor): ``(B, N, Dv, H, W)``.
+        rel_row, rel_col (Tensor, optional): ``(kh, N, Dr)``, ``(kw, N, Dc)``.
+        window, dilation (tuple[int]): ``(kh, kw)`` and ``(dh, dw)``.
+
+    Returns:
+        tuple[Tensor]: ``(B, N, Dv, H, W)`` in v's dtype, and an empty tensor.
+
+    Example:
+        >>> q = k = v = torch.rand(1, 2, 4, 5, 6)
+        >>> forward(q, k, v, None, None, (3, 3), (1, 1))[0].shape
+        torch.Size([1, 2, 4, 5, 6])
+    """
+    window, dilation = tuple(window), tuple(dilation)
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    device = query.device
+    batch, heads, _, height, width = query.shape
+    heads = int(heads)  # never a dynamic axis
+    if torch.onnx.is_in_onnx_export() and not _STATE['dynamic']:
+        # constants: the indices fold, the reshapes need no shape arithmetic
+        batch, height, width = int(batch), int(height), int(width)
+    rows = AxisBlocks(height, min(BLOCK, int(height)), window[0], dilation[0])
+    cols = AxisBlocks(width, min(BLOCK, int(width)), window[1], dilation[1])
+    blocks = rows.blocks * cols.blocks
+    block_size, halo = rows.block * cols.block, rows.halo * cols.halo
+
+    # Gather indices: (blocks * block_size,) queries, (blocks * halo,) keys.
+    query_index = _flat_index(rows.query_positions(device), cols.query_positions(device),
+                              height, width).reshape(-1)
+    key_rows, key_cols = rows.key_positions(device), cols.key_positions(device)
+    key_index = _flat_index(key_rows, key_cols, height, width).reshape(-1)
+    # Where each pixel sits among the blocks' queries (to put them back).
+    pixel_rows = torch.arange(height, device=device)
+    pixel_cols = torch.arange(width, device=device)
+    block_of = ((pixel_rows // rows.block)[:, None] * cols.blocks +
+                (pixel_cols // cols.block)[None, :])
+    inside_block = ((pixel_rows % rows.block)[:, None] * cols.block +
+                    (pixel_cols % cols.block)[None, :])
+    pixel_index = (block_of * block_size + inside_block).reshape(-1)
+    # The mask, separable: a halo key counts for a query where its row and
+    # its column both lie in the query's window and inside the image. As a
+    # bias of 0 or MASKED per (query, halo row) and per (query, halo column).
+    row_allowed = ((rows.taps() < window[0]).to(device)[None] &  # (row blocks, bh, halo_h)
+                   ((key_rows >= 0) & (key_rows < height))[:, None, :])
+    col_allowed = ((cols.taps() < window[1]).to(device)[None] &  # (col blocks, bw, halo_w)
+                   ((key_cols >= 0) & (key_cols < width))[:, None, :])
+    masked = torch.tensor(MASKED, dtype=dtype, device=device)
+    zero = torch.tensor(0.0, dtype=dtype, device=device)
+    # (row blocks, 1, bh, 1, halo_h) and (1, col blocks, 1, bw, halo_w)
+    row_bias = torch.where(row_allowed, zero, masked)[:, None, :, None, :]
+    col_bias = torch.where(col_allowed, zero, masked)[None, :, None, :, :]
+
+    def blocks_of(x: Tensor, index: Tensor, length: int) -> Tensor:
+        # (B, N, D, H, W) -> (B, N, blocks, length, D)
+        x = _cast(x, dtype).reshape(batch, heads, -1, height * width).transpose(-1, -2)
+        return x.index_select(2, index).reshape(batch, heads, blocks, length, -1)
+
+    queries = blocks_of(query, query_index, block_size)  # (B, N, blocks, bh * bw, D)
+    grid_shape = (batch, heads, rows.blocks, cols.blocks, rows.block, cols.block)
+    # Per query, the logit terms that depend on the key's halo row only and
+    # on its column only: q.r (if any) plus the mask's bias.
+    row_terms = row_bias.expand(*grid_shape, rows.halo)  # (B, N, Bh, Bw, bh, bw, halo_h)
+    col_terms = col_bias.expand(*grid_shape, cols.halo)
+    if rel_row is not None:
+        dim_row = rel_row.shape[-1]
+        grid = queries.reshape(*grid_shape, -1)  # (B, N, Bh, Bw, bh, bw, D)
+        grid_row, grid_col = grid.split([dim_row, grid.shape[-1] - dim_row], dim=-1)
+        table_row = relative_halo_table(_cast(rel_row, dtype), rows)  # (N, bh, Dr, halo_h)
+        table_col = relative_halo_table(_cast(rel_col, dtype), cols)  # (N, bw, Dc, halo_w)
+        # One matrix product per head and in-block row (column): the query
+        # grid goes (N, bh, B * Bh * Bw * bw, Dr) and meets that row's table
+        # (N, bh, Dr, halo_h); a few large products, not one per block row.
+        grid_row = grid_row.permute(1, 4, 0, 2, 3, 5, 6).reshape(heads, rows.block, -1,
+                                                                 dim_row)
+        row_terms = torch.matmul(grid_row, table_row)  # (N, bh, B * Bh * Bw * bw, halo_h)
+        row_terms = row_terms.reshape(heads, rows.block, batch, rows.blocks, cols.blocks,
+                                      cols.block, rows.halo)
+        row_terms = row_terms.permute(2, 0, 3, 4, 1, 5, 6) + row_bias
+        grid_col = grid_col.permute(1, 5, 0, 2, 3, 4, 6).reshape(heads, cols.block, -1,
+                                                                 grid_col.shape[-1])
+        col_terms = torch.matmul(grid_col, table_col)  # (N, bw, B * Bh * Bw * bh, halo_w)
+        col_terms = col_terms.reshape(heads, cols.block, batch, rows.blocks, cols.blocks,
+                                      rows.block, cols.halo)
+        col_terms = col_terms.permute(2, 0, 3, 4, 5, 1, 6) + col_bias
+    # The row and column terms reach each halo key through a one-hot of its
+    # halo row and column: (.., bh * bw, halo_h + halo_w) @ (halo_h + halo_w,
+    # halo), a small constant that the MatMul broadcasts over the blocks.
+    halo_rows = torch.arange(halo, device=device) // cols.halo
+    halo_cols = torch.arange(halo, device=device) % cols.halo
+    one_hot = torch.cat([
+        (torch.arange(rows.halo, device=device)[:, None] == halo_rows[None]),
+        (torch.arange(cols.halo, device=device)[:, None] == halo_cols[None])], dim=0)
+    terms = torch.cat([row_terms.reshape(batch, heads, blocks, block_size, rows.halo),
+                       col_terms.reshape(batch, heads, blocks, block_size, cols.halo)], dim=-1)
+    logits = torch.matmul(terms, one_hot.to(dtype))  # (B, N, blocks, bh * bw, halo)
+    if key is not None:
+        keys = blocks_of(key, key_index, halo)  # (B, N, blocks, halo, D)
+        logits = torch.matmul(queries, keys.transpose(-1, -2)) + logits
+    attn = logits.softmax(dim=-1)
+
+    values = blocks_of(value, key_index, halo)  # (B, N, blocks, halo, Dv)
+    out = torch.matmul(attn, values)  # (B, N, blocks, bh * bw, Dv)
+    out = out.reshape(batch, heads, blocks * block_size, -1)
+    out = out.index_select(2, pixel_index)  # (B, N, H * W, Dv)
+    out = out.transpose(-1, -2).reshape(batch, heads, -1, height, width)
+    return _cast(out, value.dtype), attn.new_empty(0)
+
+
+def export_forward(query: Tensor, key: Optional[Tensor], value: Tensor,
+                   rel_row: Optional[Tensor], rel_col: Optional[Tensor], window,
+                   dilation) -> Tensor:
+    """The attention as the current export graph records it
+    (:func:`export_graph`); called by ``local_attention`` under
+    ``torch.onnx.export``."""
+    graph = current_graph()
+    if graph == 'onnx':
+        return forward(query, key, value, rel_row, rel_col, window, dilation)[0]
+    if graph == 'onnx-per-tap':
+        return pytorch.forward(query, key, value, rel_row, rel_col, window, dilation,
+                               False)[0]
+    # 'onnxruntime': the registered op, which the symbolic registered by
+    # sasa_mmdet.deployment turns into one sasa_mmdet::LocalAttention node.
+    # The tracer runs it too (its output feeds the rest of the trace).
+    from .cpu import KERNEL_BUILT
+    backend = 'cpp' if KERNEL_BUILT and query.device.type == 'cpu' else 'torch'
+    return torch.ops.sasa_mmdet.local_attention(query, key, value, rel_row, rel_col,
+                                                list(window), list(dilation), backend,
+                                                False)[0]

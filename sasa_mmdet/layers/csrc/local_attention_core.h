@@ -1,0 +1,750 @@
+// Fused local multi-head self-attention for CPU (forward and backward).
+//
+// Layout: planar, the layout of the 1x1 projection that feeds the layer.
+// q, k: (B, N, D, H, W), v and out: (B, N, Dv, H, W); every channel is an
+// H x W plane with unit column stride, and batches, heads, channels and rows
+// may have any strides (q, k and v may be views into one (B, 3C, H, W)
+// projection). The relative position tables come as rel_row (kh, N, Dr) and
+// rel_col (kw, N, Dc), Dr + Dc == D: the logit of tap (ty, tx) adds
+// q[:Dr] . rel_row[ty] + q[Dr:] . rel_col[tx]. Nothing is unfolded: K and V
+// are never copied per tap.
+//
+// Vectorisation is across pixels. A block of L consecutive pixels of one row
+// (one register: 8 floats or 4 doubles with AVX) is processed together: at tap
+// (oy, ox) their keys are L consecutive pixels of row i + oy, so q . k is D
+// full-width fused multiply-adds whatever the head width, with no horizontal
+// sums. The taps of a tap row are done together (one pass over the channels,
+// one accumulator per tap); weighted sums over taps keep up to 8 channels in
+// registers; both have compile-time widths for any window and head width.
+//
+// Each thread takes a band of query rows and walks it head by head, so what
+// one head's rows touch stays in the core's cache. Borders: the thread copies
+// the key and value rows its queries read into a small ring of zero-padded
+// rows, so no load needs a bounds check. Tap rows outside the image are
+// skipped; in blocks that touch the left or right border, taps outside the
+// image get weight exactly 0: they do not exist, they are not zeros.
+//
+// Forward, per pixel and head: attn = softmax_t(q . k_t + q . r_t) over the
+// taps inside the image, out = sum_t attn_t v_t. The softmax map is stored
+// only when the backward will use it, (B, H, N, Wp / L, T, L) (Wp: W rounded
+// up to kMapWidthMultiple, a multiple of L): each block's weights in one piece. Backward, per query row: the map (loaded, or recomputed when it was
+// not stored), d(logits), d(q) and the position-table gradients; then d(k)
+// and d(v) go to the key rows the row's queries read, each key block
+// gathered in registers from the row's d(logits) and q (attention and
+// grad_out), so d(logits) never exists beyond one row. Key rows that a
+// neighbouring band's queries also reach go to a private buffer, summed
+// afterwards: no atomics, and the result does not depend on timing.
+//
+// This header is the math only, shared by the PyTorch extension
+// (local_attention_cpu.cpp) and the onnxruntime custom-op library
+// (sasa_mmdet/deployment/csrc/onnxruntime_local_attention.cpp). The file that
+// includes it defines the two functions below on its own thread pool.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace sasa_local_attention {
+
+// The most threads parallel_for runs at once.
+int64_t max_threads();
+// Calls fn(begin, end) on disjoint ranges that cover [0, n), in parallel.
+void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+
+
+// One register of L lanes (GCC vector extensions): AVX when the build
+// targets it (-march=native on an AVX machine), else SSE2 (a portable build).
+#if defined(__AVX__)
+#define SASA_VECTOR_BYTES 32
+#else
+#define SASA_VECTOR_BYTES 16
+#endif
+
+template <typename scalar_t>
+struct Simd;
+
+// Rows of the stored map are padded to a multiple of this many pixels, the
+// same for every build (a multiple of every vector width), so that the map's
+// shape never depends on how the kernel was compiled: torch.compile caches
+// graphs with the shape the fake kernel gives, across builds.
+constexpr int64_t kMapWidthMultiple = 16;
+
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(SASA_VECTOR_BYTES)));
+  typedef float VU __attribute__((vector_size(SASA_VECTOR_BYTES), aligned(4)));
+  typedef int32_t Int;
+  typedef Int I __attribute__((vector_size(SASA_VECTOR_BYTES)));
+  static constexpr int L = SASA_VECTOR_BYTES / 4;
+
+  // exp(x - top) for x <= top, as 2^n * p(f) with n = round((x - top) log2 e)
+  // and a degree-6 polynomial for 2^f, |f| <= 1/2: about 1 ulp, 14
+  // instructions. Below 2^-126 it returns about 2^-126 (negligible next to
+  // the largest weight, 1); kExact: exactly 0 for x = -inf.
+  template <bool kExact>
+  static V exp_minus(V x, V top) {
+    const float log2e = 1.44269504088896341f;
+    V y = x * log2e - top * log2e;
+    const I absent = y < -127.0f;
+    y = y < -126.0f ? V{} - 126.0f : y;
+    const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const V shifted = y + magic;
+    const V f = y - (shifted - magic);
+    V p = V{} + 1.5345810970757157e-4f;
+    p = p * f + 1.3399930903688073e-3f;
+    p = p * f + 9.618489071726799e-3f;
+    p = p * f + 5.550328642129898e-2f;
+    p = p * f + 2.4022646248340607e-1f;
+    p = p * f + 6.931471824645996e-1f;
+    p = p * f + 1.0f;
+    // The low bits of `shifted` hold n; shifted into the exponent, plus the bias.
+    const V e = p * (V)(((I)shifted << 23) + 0x3f800000);
+    return kExact ? (absent ? V{} : e) : e;
+  }
+};
+
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(SASA_VECTOR_BYTES)));
+  typedef double VU __attribute__((vector_size(SASA_VECTOR_BYTES), aligned(8)));
+  typedef int64_t Int;
+  typedef Int I __attribute__((vector_size(SASA_VECTOR_BYTES)));
+  static constexpr int L = SASA_VECTOR_BYTES / 8;
+
+  template <bool kExact>
+  static V exp_minus(V x, V top) {  // double is for tests and gradcheck: libm
+    V y;
+    for (int l = 0; l < L; ++l) y[l] = std::exp(x[l] - top[l]);
+    return y;
+  }
+};
+
+static_assert(kMapWidthMultiple % Simd<float>::L == 0 && kMapWidthMultiple % Simd<double>::L == 0,
+              "the stored map's rows must hold whole vectors");
+
+template <typename scalar_t>
+using Vec = typename Simd<scalar_t>::V;
+
+template <typename scalar_t>
+inline Vec<scalar_t> load(const scalar_t* p) {
+  return *reinterpret_cast<const typename Simd<scalar_t>::VU*>(p);
+}
+
+template <typename scalar_t>
+inline void store(scalar_t* p, Vec<scalar_t> x) {
+  *reinterpret_cast<typename Simd<scalar_t>::VU*>(p) = x;
+}
+
+// Stores (or adds) the first n lanes only: the last block of a row.
+template <typename scalar_t>
+inline void store_lanes(scalar_t* p, Vec<scalar_t> x, int64_t n) {
+  if (n >= Simd<scalar_t>::L) return store(p, x);
+  for (int64_t l = 0; l < n; ++l) p[l] = x[l];
+}
+
+template <typename scalar_t>
+inline void add_lanes(scalar_t* p, Vec<scalar_t> x, int64_t n) {
+  if (n >= Simd<scalar_t>::L) return store(p, load(p) + x);
+  for (int64_t l = 0; l < n; ++l) p[l] += x[l];
+}
+
+template <typename scalar_t>
+inline scalar_t lane_sum(Vec<scalar_t> x) {
+  scalar_t s = 0;
+  for (int l = 0; l < Simd<scalar_t>::L; ++l) s += x[l];
+  return s;
+}
+
+template <int kValue>
+using Width = std::integral_constant<int, kValue>;
+
+// Calls fn(d0, Width<w>) over [0, n) in chunks of 8 and one remainder chunk:
+// compile-time widths keep the accumulators in registers.
+template <typename Fn>
+inline void for_chunks(int64_t n, Fn&& fn) {
+  int64_t d0 = 0;
+  for (; d0 + 8 <= n; d0 += 8) fn(d0, Width<8>{});
+  switch (n - d0) {
+    case 1: return fn(d0, Width<1>{});
+    case 2: return fn(d0, Width<2>{});
+    case 3: return fn(d0, Width<3>{});
+    case 4: return fn(d0, Width<4>{});
+    case 5: return fn(d0, Width<5>{});
+    case 6: return fn(d0, Width<6>{});
+    case 7: return fn(d0, Width<7>{});
+  }
+}
+
+// The kT taps of one tap row: acc[t] += sum_{d < dim} x[d * ld] * p[d * ld + t * step]
+// (vectors of L pixels), with x a query (or grad_out) row and p the key (or
+// value) row of the first tap, channel 0. One pass over the channels.
+template <int kT, typename scalar_t>
+inline void row_dots(const scalar_t* x, const scalar_t* p, int64_t ld, int64_t step,
+                     int64_t dim, Vec<scalar_t>* acc) {
+  Vec<scalar_t> a[kT];
+  for (int t = 0; t < kT; ++t) a[t] = acc[t];
+  for (int64_t d = 0; d < dim; ++d) {
+    const Vec<scalar_t> xd = load(x + d * ld);
+    const scalar_t* pd = p + d * ld;
+    for (int t = 0; t < kT; ++t) a[t] += xd * load(pd + t * step);
+  }
+  for (int t = 0; t < kT; ++t) acc[t] = a[t];
+}
+
+// A weighted sum over the taps of one tap row, for kW channels:
+// acc[c] += sum_{t < taps} w[t] * p[c * ld + t * step].
+template <int kW, typename scalar_t>
+inline void row_sum(const Vec<scalar_t>* w, const scalar_t* p, int64_t ld, int64_t step,
+                    int64_t taps, Vec<scalar_t>* acc) {
+  for (int64_t t = 0; t < taps; ++t) {
+    const Vec<scalar_t> wt = w[t];
+    const scalar_t* pt = p + t * step;
+    for (int c = 0; c < kW; ++c) acc[c] += wt * load(pt + c * ld);
+  }
+}
+
+struct Geometry {
+  int64_t B, H, W, N, D, Dv, kh, kw, dh, dw;
+  int64_t Dr, Dc;       // q channels per head for the row / column tables (0, 0: none)
+  int64_t up, down;     // rows a query reaches above and below
+  int64_t left, right;  // columns a query reaches to the left and right
+  int64_t P;            // zero columns on each side of a padded row
+  int64_t Wp, Wpad;     // W rounded up to whole blocks; padded row length
+  std::vector<int64_t> oy, ox;
+
+  Geometry(int64_t B, int64_t H, int64_t W, int64_t N, int64_t D, int64_t Dv, int64_t kh,
+           int64_t kw, int64_t dh, int64_t dw, int64_t Dr, int64_t Dc, int64_t lanes)
+      : B(B), H(H), W(W), N(N), D(D), Dv(Dv), kh(kh), kw(kw), dh(dh), dw(dw), Dr(Dr), Dc(Dc) {
+    // Tap offsets: centred, the extra tap of an even window after the centre,
+    // like nn.Conv2d(padding='same').
+    for (int64_t t = 0; t < kh; ++t) oy.push_back((t - (kh - 1) / 2) * dh);
+    for (int64_t t = 0; t < kw; ++t) ox.push_back((t - (kw - 1) / 2) * dw);
+    up = -oy.front(), down = oy.back(), left = -ox.front(), right = ox.back();
+    P = std::max(left, right);
+    Wp = (W + lanes - 1) / lanes * lanes;
+    Wpad = P + Wp + P;
+  }
+  int64_t taps() const { return kh * kw; }
+  int64_t rows() const { return B * H; }
+};
+
+// A (B, N, D, H, W) tensor: element (b, n, d, i, j) at
+// data[b * sb + n * sn + d * sd + i * sh + j * sw].
+template <typename ptr_t>
+struct Planar {
+  ptr_t* data;
+  int64_t sb, sn, sd, sh, sw;
+  ptr_t* row(int64_t b, int64_t n, int64_t d, int64_t i) const {
+    return data + b * sb + n * sn + d * sd + i * sh;
+  }
+};
+
+// Copies the dim channel rows of head n at (b, :, i) into padded rows
+// dst + d * Wpad + P; the padding stays as it is (zero).
+template <typename scalar_t>
+void copy_row(const Planar<const scalar_t>& src, int64_t n, int64_t dim, int64_t b, int64_t i,
+              const Geometry& g, scalar_t* dst) {
+  for (int64_t d = 0; d < dim; ++d) {
+    const scalar_t* s = src.row(b, n, d, i);
+    scalar_t* o = dst + d * g.Wpad + g.P;
+    if (src.sw == 1) {
+      std::memcpy(o, s, g.W * sizeof(scalar_t));
+    } else {
+      for (int64_t j = 0; j < g.W; ++j) o[j] = s[j * src.sw];
+    }
+  }
+}
+
+// Asks for pixels [j0, j0 + L) of head n's channel rows at (b, :, i) in
+// cache ahead of their use (the copies above would wait for memory).
+template <typename scalar_t>
+inline void prefetch_row(const Planar<const scalar_t>& src, int64_t n, int64_t dim, int64_t b,
+                         int64_t i, int64_t j0) {
+  for (int64_t d = 0; d < dim; ++d) __builtin_prefetch(src.row(b, n, d, i) + j0 * src.sw);
+}
+
+// One head's padded key (or value) rows that a thread's queries read: a ring
+// of up + down + 1 rows, each copied once while the thread walks its band.
+template <typename scalar_t>
+class RowRing {
+ public:
+  RowRing(const Planar<const scalar_t>& src, int64_t dim, const Geometry& g)
+      : src_(src), dim_(dim), g_(g), slots_(g.up + g.down + 1),
+        buf_(slots_ * dim * g.Wpad, scalar_t(0)), tag_(slots_, -1) {}
+
+  // Channel d of head n, row (b, r): [d * Wpad + P + j] for column j, zero
+  // outside the image.
+  const scalar_t* get(int64_t b, int64_t r, int64_t n) {
+    const int64_t slot = r % slots_, key = (b * g_.H + r) * g_.N + n;
+    scalar_t* p = buf_.data() + slot * dim_ * g_.Wpad;
+    if (tag_[slot] != key) {
+      copy_row(src_, n, dim_, b, r, g_, p);
+      tag_[slot] = key;
+    }
+    return p;
+  }
+
+ private:
+  Planar<const scalar_t> src_;
+  int64_t dim_;
+  const Geometry& g_;
+  int64_t slots_;
+  std::vector<scalar_t> buf_;
+  std::vector<int64_t> tag_;
+};
+
+template <typename scalar_t>
+struct Inputs {
+  Planar<const scalar_t> q, k, v;  // k.data is null without q.k logits
+  const scalar_t* rel_row;         // (kh, N, Dr) or null
+  const scalar_t* rel_col;         // (kw, N, Dc) or null
+};
+
+// Per-thread state shared by the forward and backward passes, for one query
+// row and head at a time. Its taps are walked tap row by tap row; tap rows
+// outside the image are skipped, so logits, weights and gradients are kept
+// per valid tap u = r * kw + tx (r: index among the valid tap rows).
+template <typename scalar_t>
+struct Worker {
+  using V = Vec<scalar_t>;
+  static constexpr int L = Simd<scalar_t>::L;
+
+  const Geometry& g;
+  const Inputs<scalar_t>& in;
+  std::unique_ptr<RowRing<scalar_t>> keys;
+  RowRing<scalar_t> values;
+  std::vector<scalar_t> qrow;                // (D, Wpad): the query row
+  std::vector<int64_t> rows;                 // tap rows inside the image
+  std::vector<const scalar_t*> krow, vrow;   // their padded key / value rows
+  std::vector<V> S, rl, cl;                  // per valid tap; q.r row / column parts
+  int64_t n = 0;                             // the head
+
+  Worker(const Geometry& g, const Inputs<scalar_t>& in)
+      : g(g), in(in),
+        keys(in.k.data ? new RowRing<scalar_t>(in.k, g.D, g) : nullptr),
+        values(in.v, g.Dv, g), qrow(g.D * g.Wpad, scalar_t(0)), krow(g.kh), vrow(g.kh),
+        S(g.taps()), rl(g.kh), cl(g.kw) {}
+
+  int64_t count() const { return int64_t(rows.size()) * g.kw; }
+
+  // Reads query row (b, i) of head `head` and the key and value rows its
+  // taps reach.
+  void start(int64_t b, int64_t i, int64_t head) {
+    n = head;
+    rows.clear();
+    for (int64_t y = 0; y < g.kh; ++y) {
+      const int64_t a = i + g.oy[y];
+      if (a < 0 || a >= g.H) continue;
+      krow[rows.size()] = keys ? keys->get(b, a, n) : nullptr;
+      vrow[rows.size()] = values.get(b, a, n);
+      rows.push_back(y);
+    }
+    copy_row(in.q, n, g.D, b, i, g, qrow.data());
+  }
+
+  // Prefetches part of what start() will copy for the next query row.
+  void prefetch(int64_t b, int64_t i, int64_t j0) const {
+    if (i + 1 >= g.H) return;
+    prefetch_row(in.q, n, g.D, b, i + 1, j0);
+    if (i + 1 + g.down < g.H) {
+      if (keys) prefetch_row(in.k, n, g.D, b, i + 1 + g.down, j0);
+      prefetch_row(in.v, n, g.Dv, b, i + 1 + g.down, j0);
+    }
+  }
+
+  const scalar_t* query(int64_t d) const { return qrow.data() + d * g.Wpad + g.P; }
+
+  // Channel c of valid tap row r, first tap, pixel j0.
+  const scalar_t* key(int64_t r, int64_t c, int64_t j0) const {
+    return krow[r] + c * g.Wpad + g.P + j0 + g.ox[0];
+  }
+  const scalar_t* value(int64_t r, int64_t c, int64_t j0) const {
+    return vrow[r] + c * g.Wpad + g.P + j0 + g.ox[0];
+  }
+
+  // S[u] = exp(logit_u - max_u logit_u) for the row's pixels [j0, j0 + L):
+  // the softmax weights before normalising. Returns 1 / sum_u S[u].
+  V attention(int64_t j0) {
+    const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+    const int64_t valid_rows = rows.size(), count = this->count();
+    if (in.rel_row) {
+      for (int64_t y : rows) {
+        const scalar_t* r = in.rel_row + (y * g.N + n) * g.Dr;
+        V s{};
+        for (int64_t d = 0; d < g.Dr; ++d) s += load(query(d) + j0) * r[d];
+        rl[y] = s;
+      }
+      for (int64_t x = 0; x < g.kw; ++x) {
+        const scalar_t* r = in.rel_col + (x * g.N + n) * g.Dc;
+        V s{};
+        for (int64_t d = 0; d < g.Dc; ++d) s += load(query(g.Dr + d) + j0) * r[d];
+        cl[x] = s;
+      }
+    }
+    V top = V{} - inf;
+    for (int64_t r = 0; r < valid_rows; ++r) {
+      for_chunks(g.kw, [&](int64_t x0, auto width) {
+        constexpr int kT = decltype(width)::value;
+        V acc[kT];
+        for (int t = 0; t < kT; ++t) acc[t] = in.rel_row ? rl[rows[r]] + cl[x0 + t] : V{};
+        if (keys) row_dots<kT>(query(0) + j0, key(r, 0, j0) + x0 * g.dw, g.Wpad, g.dw, g.D, acc);
+        for (int t = 0; t < kT; ++t) {
+          S[r * g.kw + x0 + t] = acc[t];
+          top = acc[t] > top ? acc[t] : top;
+        }
+      });
+    }
+    V total{};
+    if (j0 >= g.left && j0 + L <= g.W - g.right) {
+      for (int64_t u = 0; u < count; ++u) {
+        S[u] = Simd<scalar_t>::template exp_minus<false>(S[u], top);
+        total += S[u];
+      }
+    } else {
+      // Border block: taps outside the image do not exist. Lanes past the
+      // row's end are no pixels: they keep every tap (finite, unused).
+      using I = typename Simd<scalar_t>::I;
+      using Int = typename Simd<scalar_t>::Int;
+      I lane;
+      for (int l = 0; l < L; ++l) lane[l] = l;
+      const I beyond = lane + Int(j0) >= Int(g.W);
+      top = V{} - inf;
+      for (int64_t u = 0; u < count; ++u) {
+        const I col = lane + Int(j0 + g.ox[u % g.kw]);
+        const I inside = (col >= 0) & (col < Int(g.W));
+        S[u] = (inside | beyond) ? S[u] : V{} - inf;
+        top = S[u] > top ? S[u] : top;
+      }
+      for (int64_t u = 0; u < count; ++u) {
+        S[u] = Simd<scalar_t>::template exp_minus<true>(S[u], top);
+        total += S[u];
+      }
+    }
+    return scalar_t(1) / total;  // the centre tap always exists
+  }
+
+  // acc[c] += sum_u w[u] * (key or value channel d0 + c of tap u).
+  template <int kW>
+  void weighted_sum(const V* w, bool of_keys, int64_t d0, int64_t j0, V* acc) const {
+    for (int64_t r = 0; r < int64_t(rows.size()); ++r) {
+      const scalar_t* p = of_keys ? key(r, d0, j0) : value(r, d0, j0);
+      row_sum<kW>(w + r * g.kw, p, g.Wpad, g.dw, g.kw, acc);
+    }
+  }
+};
+
+// The attention map, (B, H, N, Wp / L, T, L): query row `row` (flattened),
+// head n, block j0, tap 0; a block's taps are contiguous.
+template <typename scalar_t>
+inline scalar_t* map_block(scalar_t* attn, const Geometry& g, int64_t row, int64_t n,
+                           int64_t j0) {
+  return attn + (row * g.N + n) * g.taps() * g.Wp + j0 * g.taps();
+}
+
+// Rows [r0, r1) of the flattened (B * H) query rows, split over threads.
+template <typename Fn>
+void parallel_bands(const Geometry& g, int64_t work, Fn&& fn) {
+  constexpr int64_t kMinWork = 1 << 16;  // multiply-adds worth a thread
+  const int64_t bands = std::max<int64_t>(
+      1, std::min<int64_t>({max_threads(), g.rows(), work / kMinWork}));
+  parallel_for(bands, [&](int64_t begin, int64_t end) {
+    for (int64_t band = begin; band < end; ++band)
+      fn(band, band * g.rows() / bands, (band + 1) * g.rows() / bands);
+  });
+}
+
+template <typename scalar_t>
+void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t> out,
+                    scalar_t* attn) {
+  using V = Vec<scalar_t>;
+  constexpr int L = Simd<scalar_t>::L;
+  const int64_t work = g.rows() * g.W * g.N * g.taps() * (g.D + g.Dv);
+  parallel_bands(g, work, [&](int64_t, int64_t r0, int64_t r1) {
+    Worker<scalar_t> w(g, in);
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t b = row / g.H, i = row % g.H;
+        w.start(b, i, n);
+        for (int64_t j0 = 0; j0 < g.W; j0 += L) {
+          if (row + 1 < r1) w.prefetch(b, i, j0);
+          const V inv = w.attention(j0);
+          if (attn) {
+            scalar_t* m = map_block(attn, g, row, n, j0);
+            // Tap rows outside the image hold zeros: the map is defined
+            // everywhere (what torch.compile and opcheck compare).
+            if (int64_t(w.rows.size()) < g.kh) std::fill(m, m + g.taps() * L, scalar_t(0));
+            for (int64_t r = 0; r < int64_t(w.rows.size()); ++r)
+              for (int64_t x = 0; x < g.kw; ++x)
+                store(m + (w.rows[r] * g.kw + x) * L, w.S[r * g.kw + x] * inv);
+          }
+          for_chunks(g.Dv, [&](int64_t d0, auto width) {
+            constexpr int kW = decltype(width)::value;
+            V acc[kW] = {};
+            w.template weighted_sum<kW>(w.S.data(), false, d0, j0, acc);
+            for (int c = 0; c < kW; ++c)
+              store_lanes(out.row(b, n, d0 + c, i) + j0, acc[c] * inv, g.W - j0);
+          });
+        }
+        if (attn) {  // the blocks of the row's padding past its last block hold zeros
+          const int64_t blocks_end = (g.W + L - 1) / L * L;
+          std::fill(map_block(attn, g, row, n, blocks_end), map_block(attn, g, row, n, g.Wp),
+                    scalar_t(0));
+        }
+      }
+    }
+  });
+}
+
+// One head's d(k) (or d(v)) for the key rows a thread's queries reach,
+// summed in a ring of up + down + 1 rows that stays in cache: a key row
+// enters when the first query row that reaches it starts, and is written out
+// once, when its slot is needed again or the head's pass ends. A row that
+// only this band's queries reach is stored into the output; one that a
+// neighbouring band's queries reach too is kept apart, and added in by
+// flush() after every band has run.
+template <typename scalar_t>
+class GradRing {
+ public:
+  GradRing(Planar<scalar_t> out, int64_t dim, const Geometry& g, int64_t r0, int64_t r1)
+      : out_(out), dim_(dim), g_(g), r0_(r0), r1_(r1), slots_(g.up + g.down + 1),
+        buf_(slots_ * dim * g.Wp), tag_(slots_, -1) {}
+
+  // Channel d of head n's key row (b, a): [d * Wp + j] for column j.
+  scalar_t* get(int64_t b, int64_t a, int64_t n) {
+    const int64_t slot = a % slots_, key = (b * g_.H + a) * g_.N + n;
+    scalar_t* p = buf_.data() + slot * dim_ * g_.Wp;
+    if (tag_[slot] != key) {
+      write_out(slot);
+      std::fill(p, p + dim_ * g_.Wp, scalar_t(0));
+      tag_[slot] = key;
+    }
+    return p;
+  }
+
+  // Writes out every row still in the ring.
+  void finish() {
+    for (int64_t slot = 0; slot < slots_; ++slot) write_out(slot);
+  }
+
+  // Adds the rows kept apart into the output; `done` marks the key rows an
+  // earlier band has written.
+  void flush(std::vector<bool>& done) {
+    for (auto& [key, rows] : shared_) {
+      const int64_t b = key / g_.H, a = key % g_.H;
+      for (int64_t n = 0; n < g_.N; ++n)
+        for (int64_t d = 0; d < dim_; ++d) {
+          scalar_t* o = out_.row(b, n, d, a);
+          const scalar_t* s = rows.data() + (n * dim_ + d) * g_.W;
+          if (done[key]) {
+            for (int64_t j = 0; j < g_.W; ++j) o[j] += s[j];
+          } else {
+            std::memcpy(o, s, g_.W * sizeof(scalar_t));
+          }
+        }
+      done[key] = true;
+    }
+  }
+
+ private:
+  void write_out(int64_t slot) {
+    if (tag_[slot] < 0) return;
+    const int64_t n = tag_[slot] % g_.N, row = tag_[slot] / g_.N;
+    const int64_t b = row / g_.H, a = row % g_.H;
+    tag_[slot] = -1;
+    const scalar_t* p = buf_.data() + slot * dim_ * g_.Wp;
+    const int64_t i0 = std::max(r0_ - b * g_.H, int64_t(0));
+    const int64_t i1 = std::min(r1_ - b * g_.H, g_.H);
+    if (std::max(a - g_.down, int64_t(0)) >= i0 && std::min(a + g_.up, g_.H - 1) < i1) {
+      for (int64_t d = 0; d < dim_; ++d)
+        std::memcpy(out_.row(b, n, d, a), p + d * g_.Wp, g_.W * sizeof(scalar_t));
+      return;
+    }
+    auto& rows = shared_[row];
+    if (rows.empty()) rows.assign(g_.N * dim_ * g_.W, scalar_t(0));
+    for (int64_t d = 0; d < dim_; ++d) {
+      scalar_t* o = rows.data() + (n * dim_ + d) * g_.W;
+      for (int64_t j = 0; j < g_.W; ++j) o[j] += p[d * g_.Wp + j];
+    }
+  }
+
+  Planar<scalar_t> out_;
+  int64_t dim_;
+  const Geometry& g_;
+  int64_t r0_, r1_;  // the band's query rows (flattened)
+  int64_t slots_;
+  std::vector<scalar_t> buf_;
+  std::vector<int64_t> tag_;
+  std::map<int64_t, std::vector<scalar_t>> shared_;  // key row (flattened) -> (N * dim, W)
+};
+
+template <typename scalar_t>
+void backward_kernel(const Geometry& g, const Inputs<scalar_t>& in,
+                     Planar<const scalar_t> grad_out, const scalar_t* attn,
+                     Planar<scalar_t> grad_q, Planar<scalar_t> grad_k, Planar<scalar_t> grad_v,
+                     scalar_t* grad_rel_row, scalar_t* grad_rel_col) {
+  using V = Vec<scalar_t>;
+  constexpr int L = Simd<scalar_t>::L;
+  const int64_t T = g.taps();
+  const bool with_key = in.k.data != nullptr, with_rel = in.rel_row != nullptr;
+  const int64_t work = g.rows() * g.W * g.N * T * (g.D + g.Dv) * 2;
+  const int64_t max_bands = std::max<int64_t>(1, std::min<int64_t>(max_threads(),
+                                                                   g.rows()));
+  std::vector<std::unique_ptr<GradRing<scalar_t>>> key_rows(max_bands), value_rows(max_bands);
+  std::vector<std::vector<scalar_t>> rel_sums(max_bands);  // per band: row table, col table
+  const int64_t rel_size = (g.kh * g.Dr + g.kw * g.Dc) * g.N;
+
+  parallel_bands(g, work, [&](int64_t band, int64_t r0, int64_t r1) {
+    Worker<scalar_t> w(g, in);
+    auto& dk = key_rows[band];
+    auto& dv = value_rows[band];
+    if (with_key) dk.reset(new GradRing<scalar_t>(grad_k, g.D, g, r0, r1));
+    dv.reset(new GradRing<scalar_t>(grad_v, g.Dv, g, r0, r1));
+    std::vector<scalar_t> gorow(g.Dv * g.Wpad, scalar_t(0));
+    // The row's attention and d(logits), (T, Wpad), zero padded.
+    std::vector<scalar_t> arow(T * g.Wpad, scalar_t(0)), glrow(T * g.Wpad, scalar_t(0));
+    std::vector<V> G(T), grow(g.kh), gcol(g.kw);
+    std::vector<V> rel_acc(with_rel ? rel_size : 0);  // lanes summed at the end
+    std::vector<scalar_t*> kdest(g.kh), vdest(g.kh);
+
+    for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t b = row / g.H, i = row % g.H;
+        w.start(b, i, n);
+        copy_row(grad_out, n, g.Dv, b, i, g, gorow.data());
+        const int64_t count = w.count(), valid_rows = w.rows.size();
+        for (int64_t y : w.rows) {
+          if (with_key) kdest[y] = dk->get(b, i + g.oy[y], n);
+          vdest[y] = dv->get(b, i + g.oy[y], n);
+        }
+        const scalar_t* go = gorow.data() + g.P;
+        for (int64_t j0 = 0; j0 < g.W; j0 += L) {
+          if (row + 1 < r1) {
+            w.prefetch(b, i, j0);
+            if (i + 1 < g.H) prefetch_row(grad_out, n, g.Dv, b, i + 1, j0);
+          }
+          auto& A = w.S;
+          if (attn) {
+            const scalar_t* m = map_block(attn, g, row, n, j0);
+            for (int64_t e = 0; e < T * L; e += 64 / sizeof(scalar_t))
+              __builtin_prefetch(m + T * L + e);  // the next block's
+            for (int64_t r = 0; r < valid_rows; ++r)
+              for (int64_t x = 0; x < g.kw; ++x)
+                A[r * g.kw + x] = load(m + (w.rows[r] * g.kw + x) * L);
+          } else {
+            const V inv = w.attention(j0);
+            for (int64_t u = 0; u < count; ++u) A[u] *= inv;
+          }
+          // d(attn)_u = grad_out . v_u, then the softmax's backward.
+          for (int64_t r = 0; r < valid_rows; ++r) {
+            for_chunks(g.kw, [&](int64_t x0, auto width) {
+              constexpr int kT = decltype(width)::value;
+              V acc[kT] = {};
+              row_dots<kT>(go + j0, w.value(r, 0, j0) + x0 * g.dw, g.Wpad, g.dw, g.Dv, acc);
+              for (int t = 0; t < kT; ++t) G[r * g.kw + x0 + t] = acc[t];
+            });
+          }
+          V weighted{};
+          for (int64_t u = 0; u < count; ++u) weighted += A[u] * G[u];
+          for (int64_t u = 0; u < count; ++u) G[u] = A[u] * (G[u] - weighted);
+          for (int64_t r = 0; r < valid_rows; ++r) {
+            for (int64_t x = 0; x < g.kw; ++x) {
+              const int64_t at = (w.rows[r] * g.kw + x) * g.Wpad + g.P + j0;
+              store(arow.data() + at, A[r * g.kw + x]);
+              store(glrow.data() + at, G[r * g.kw + x]);
+            }
+          }
+          if (with_rel) {
+            std::fill(gcol.begin(), gcol.end(), V{});
+            for (int64_t r = 0; r < valid_rows; ++r) {
+              V sum{};
+              for (int64_t x = 0; x < g.kw; ++x) {
+                sum += G[r * g.kw + x];
+                gcol[x] += G[r * g.kw + x];
+              }
+              grow[w.rows[r]] = sum;
+            }
+          }
+          // d(q) = sum_u d(logit)_u (k_u + r_u).
+          for_chunks(g.D, [&](int64_t d0, auto width) {
+            constexpr int kW = decltype(width)::value;
+            V acc[kW] = {};
+            if (with_key) w.template weighted_sum<kW>(G.data(), true, d0, j0, acc);
+            if (with_rel) {
+              for (int c = 0; c < kW; ++c) {
+                const int64_t d = d0 + c;
+                const V qd = load(w.query(d) + j0);
+                if (d < g.Dr) {
+                  for (int64_t y : w.rows) {
+                    const int64_t at = (y * g.N + n) * g.Dr + d;
+                    acc[c] += grow[y] * in.rel_row[at];
+                    rel_acc[at] += grow[y] * qd;
+                  }
+                } else {
+                  for (int64_t x = 0; x < g.kw; ++x) {
+                    const int64_t at = (x * g.N + n) * g.Dc + d - g.Dr;
+                    acc[c] += gcol[x] * in.rel_col[at];
+                    rel_acc[g.kh * g.N * g.Dr + at] += gcol[x] * qd;
+                  }
+                }
+              }
+            }
+            for (int c = 0; c < kW; ++c)
+              store_lanes(grad_q.row(b, n, d0 + c, i) + j0, acc[c], g.W - j0);
+          });
+        }
+        // d(k) and d(v) of the key rows this query row reads: key pixel j of
+        // tap (y, x) was read by query j - ox.
+        for (int64_t y : w.rows) {
+          for (int pass = with_key ? 0 : 1; pass < 2; ++pass) {
+            scalar_t* dest = pass == 0 ? kdest[y] : vdest[y];
+            const scalar_t* weights = (pass == 0 ? glrow.data() : arow.data()) +
+                                      y * g.kw * g.Wpad + g.P;
+            const int64_t dim = pass == 0 ? g.D : g.Dv;
+            const scalar_t* source = pass == 0 ? w.query(0) : go;
+            for (int64_t j0 = 0; j0 < g.W; j0 += L) {
+              for_chunks(dim, [&](int64_t d0, auto width) {
+                constexpr int kW = decltype(width)::value;
+                V acc[kW] = {};
+                for (int64_t x = 0; x < g.kw; ++x) {
+                  const int64_t col = j0 - g.ox[x];
+                  const V wt = load(weights + x * g.Wpad + col);
+                  const scalar_t* s = source + d0 * g.Wpad + col;
+                  for (int c = 0; c < kW; ++c) acc[c] += wt * load(s + c * g.Wpad);
+                }
+                scalar_t* o = dest + d0 * g.Wp + j0;
+                for (int c = 0; c < kW; ++c) store(o + c * g.Wp, load(o + c * g.Wp) + acc[c]);
+              });
+            }
+          }
+        }
+      }
+    }
+    if (with_key) dk->finish();
+    dv->finish();
+    if (with_rel) {
+      rel_sums[band].resize(rel_size);
+      for (int64_t e = 0; e < rel_size; ++e) rel_sums[band][e] = lane_sum<scalar_t>(rel_acc[e]);
+    }
+  });
+  std::vector<bool> key_done(g.rows()), value_done(g.rows());
+  for (int64_t band = 0; band < max_bands; ++band) {
+    if (key_rows[band]) key_rows[band]->flush(key_done);
+    if (value_rows[band]) value_rows[band]->flush(value_done);
+    if (with_rel && !rel_sums[band].empty()) {
+      const int64_t rows = g.kh * g.N * g.Dr;
+      for (int64_t e = 0; e < rows; ++e) grad_rel_row[e] += rel_sums[band][e];
+      for (int64_t e = rows; e < rel_size; ++e) grad_rel_col[e - rows] += rel_sums[band][e];
+    }
+  }
+}
+
+}  // namespace sasa_local_attention

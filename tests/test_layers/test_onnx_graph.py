@@ -1,0 +1,210 @@
+"""The attention's ONNX graphs: the standard-operator graph
+(backends/onnx_graph.py) and the fused sasa_mmdet::LocalAttention node with
+its onnxruntime library, each against the reference, in onnxruntime."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from sasa_mmdet.deployment import (CUSTOM_DOMAIN, onnxruntime_ops_available,
+                                   onnxruntime_ops_path, register_onnx_symbolic)
+from sasa_mmdet.layers import LocalSelfAttention2d
+from sasa_mmdet.layers.backends import onnx_graph
+from sasa_mmdet.layers.backends.reference import local_attention_reference
+
+ort = pytest.importorskip('onnxruntime')
+
+# (H, W, window, dilation, D, Dv, with q.k, with q.r): odd sizes, maps not a
+# multiple of the block, smaller than the window, even windows, dilations.
+CASES = [
+    (5, 7, (3, 3), (1, 1), 4, 4, True, True),
+    (6, 5, (4, 2), (2, 1), 6, 3, True, True),
+    (2, 3, (7, 7), (1, 1), 4, 4, False, True),
+    (9, 8, (5, 5), (2, 3), 4, 5, True, False),
+    (1, 1, (3, 3), (1, 1), 2, 2, True, True),
+    (11, 13, (7, 7), (1, 1), 8, 8, True, True),
+]
+
+
+def _inputs(case, dtype=torch.float32, batch=2, heads=3):
+    height, width, window, _, dim, dim_v, with_key, with_rel = case
+    generator = torch.Generator().manual_seed(height * 100 + width)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    query = rand(batch, heads, dim, height, width)
+    key = rand(batch, heads, dim, height, width) if with_key else None
+    value = rand(batch, heads, dim_v, height, width)
+    rel_row = rand(window[0], heads, dim // 2) if with_rel else None
+    rel_col = rand(window[1], heads, dim - dim // 2) if with_rel else None
+    return query, key, value, rel_row, rel_col
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_standard_graph_equals_reference(case):
+    query, key, value, rel_row, rel_col = _inputs(case, torch.float64)
+    window, dilation = case[2], case[3]
+    out, empty = onnx_graph.forward(query, key, value, rel_row, rel_col, window, dilation)
+    want = local_attention_reference(query, key, value, window, dilation, rel_row, rel_col)
+    assert empty.numel() == 0 and out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_neighbour_tables():
+    rows = onnx_graph.AxisBlocks(5, 4, 3, 2)  # 3 taps at -2, 0, +2
+    assert (rows.before, rows.halo, rows.blocks) == (2, 8, 2)
+    assert rows.taps()[1].tolist() == [3, 0, 3, 1, 3, 2, 3, 3]
+    assert rows.key_positions()[1].tolist() == list(range(2, 10))
+    with pytest.raises(ValueError, match='graph must be one of'):
+        with onnx_graph.export_graph('tensorrt'):
+            pass
+    assert onnx_graph.current_graph() == 'onnx'
+
+
+class _Op(torch.nn.Module):
+
+    def __init__(self, case, rel_row, rel_col):
+        super().__init__()
+        self.window, self.dilation = case[2], case[3]
+        self.rel_row, self.rel_col = rel_row, rel_col
+
+    def forward(self, query, key, value):
+        from sasa_mmdet.layers.local_attention_ops import local_attention
+        return local_attention(query, key, value, self.window, self.dilation, self.rel_row,
+                               self.rel_col)
+
+
+def _export_and_run(case, graph, path, dynamic=False, library=False):
+    query, key, value, rel_row, rel_col = _inputs(case)
+    module = _Op(case, rel_row, rel_col)
+    key_in = key if key is not None else torch.zeros(0)
+    names = ['query', 'key', 'value']
+
+    class Wrapped(torch.nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.op = module
+
+        def forward(self, q, k, v):
+            return self.op(q, k if key is not None else None, v)
+
+    axes = {name: {0: 'batch', 3: 'height', 4: 'width'} for name in ('query', 'value')}
+    if key is not None:
+        axes['key'] = axes['query']
+    with torch.no_grad(), onnx_graph.export_graph(graph):
+        torch.onnx.export(Wrapped(), (query, key_in, value), str(path), input_names=names,
+                          output_names=['out'], opset_version=17, dynamo=False,
+                          dynamic_axes=axes if dynamic else None)
+    options = ort.SessionOptions()
+    if library:
+        options.register_custom_ops_library(onnxruntime_ops_path())
+    session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    return session, (query, key, value, rel_row, rel_col)
+
+
+def _run(session, query, key, value):
+    feed = {'query': query.numpy(), 'value': value.numpy()}
+    if key is not None:
+        feed['key'] = key.numpy()
+    inputs = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feed.items() if k in inputs})[0]
+
+
+@pytest.mark.parametrize('case', CASES[:4])
+def test_standard_graph_in_onnxruntime(case, tmp_path):
+    path = tmp_path / 'attention.onnx'
+    session, (query, key, value, rel_row, rel_col) = _export_and_run(
+        case, 'onnx', path, dynamic=True)
+    model = onnx.load(str(path))
+    assert {node.domain for node in model.graph.node} <= {'', 'ai.onnx'}
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count('Softmax') == 1 and 'Transpose' not in ops[ops.index('Softmax') + 1:][:1]
+    window, dilation = case[2], case[3]
+    want = local_attention_reference(query, key, value, window, dilation, rel_row, rel_col)
+    np.testing.assert_allclose(_run(session, query, key, value), want.numpy(), rtol=1e-5,
+                               atol=1e-5)
+    # the same file on another batch and map size (dynamic axes)
+    other = (case[0] + 3, case[1] + 5) + case[2:]
+    query, key, value, _, _ = _inputs(other, batch=1)
+    want = local_attention_reference(query, key, value, window, dilation, rel_row, rel_col)
+    np.testing.assert_allclose(_run(session, query, key, value), want.numpy(), rtol=1e-5,
+                               atol=1e-5)
+
+
+needs_library = pytest.mark.skipif(
+    not onnxruntime_ops_available(),
+    reason='the onnxruntime custom-op library is not built (no onnxruntime headers)')
+
+
+@needs_library
+@pytest.mark.parametrize('case', CASES)
+def test_fused_node_in_onnxruntime(case, tmp_path):
+    register_onnx_symbolic(17)
+    path = tmp_path / 'fused.onnx'
+    session, (query, key, value, rel_row, rel_col) = _export_and_run(
+        case, 'onnxruntime', path, dynamic=True, library=True)
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.domain == CUSTOM_DOMAIN]
+    assert [n.op_type for n in nodes] == ['LocalAttention']
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    window, dilation = case[2], case[3]
+    logits = {(True, True): b'qk+qr', (True, False): b'qk', (False, True): b'qr'}[case[6:8]]
+    assert attributes == dict(window=list(window), dilation=list(dilation), heads=3,
+                              logits=logits)
+    want = local_attention_reference(query, key, value, window, dilation, rel_row, rel_col)
+    np.testing.assert_allclose(_run(session, query, key, value), want.numpy(), rtol=1e-5,
+                               atol=1e-5)
+    other = (case[0] + 2, case[1] + 9) + case[2:]
+    query, key, value, _, _ = _inputs(other, batch=1)
+    want = local_attention_reference(query, key, value, window, dilation, rel_row, rel_col)
+    np.testing.assert_allclose(_run(session, query, key, value), want.numpy(), rtol=1e-5,
+                               atol=1e-5)
+
+
+@needs_library
+def test_fused_node_rejects_bad_inputs(tmp_path):
+    from onnx import TensorProto, helper
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+              for n in ('q', 'k', 'v', 'r', 'c')]
+    node = helper.make_node('LocalAttention', ['q', 'k', 'v', 'r', 'c'], ['y'],
+                            domain=CUSTOM_DOMAIN, window=[3, 3], dilation=[1, 1], heads=2,
+                            logits='qk+qr')
+    graph = helper.make_graph([node], 'g', inputs,
+                              [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17),
+                                                    helper.make_opsetid(CUSTOM_DOMAIN, 1)])
+    path = str(tmp_path / 'bad.onnx')
+    onnx.save(model, path)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(onnxruntime_ops_path())
+    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 4, 5, 5)).astype(np.float32)
+    ok = dict(q=q, k=q, v=q, r=np.zeros((3, 2, 2), np.float32), c=np.zeros((3, 2, 2), np.float32))
+    assert session.run(None, ok)[0].shape == (1, 2, 4, 5, 5)
+    with pytest.raises(Exception, match='query has 3 heads, the node says 2'):
+        bad = np.zeros((1, 3, 4, 5, 5), np.float32)
+        session.run(None, dict(ok, q=bad, k=bad, v=bad))
+    with pytest.raises(Exception, match=r'rel_row and rel_col must be \(kh, N, Dr\)'):
+        session.run(None, dict(ok, r=np.zeros((2, 2, 2), np.float32)))
+
+
+@needs_library
+def test_attention_layer_fused_export_matches_pytorch(tmp_path):
+    """A whole layer (projection, attention, stride pool) with the fused node."""
+    register_onnx_symbolic(17)
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(8, 8, 5, stride=2, num_heads=2).eval()
+    x = torch.randn(1, 8, 11, 9)
+    path = str(tmp_path / 'layer.onnx')
+    with torch.no_grad(), onnx_graph.export_graph('onnxruntime'):
+        torch.onnx.export(layer, (x, ), path, input_names=['x'], opset_version=17,
+                          dynamo=False)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(onnxruntime_ops_path())
+    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    with torch.no_grad():
+        want = layer(x).numpy()
+    np.testing.assert_allclose(session.run(None, {'x': x.numpy()})[0], want, rtol=1e-5,
+                               atol=1e-5)
