@@ -16,7 +16,13 @@ def cpu_extensions():
             'sasa_mmdet.layers._local_attention_cpu',
             ['sasa_mmdet/layers/csrc/local_attention_cpu.cpp'],
             extra_compile_args=flags,
-            extra_link_args=['-fopenmp'])
+            extra_link_args=['-fopenmp']),
+        # SAN's neighbourhood operators (sasa_mmdet/layers/san_ops.py)
+        CppExtension(
+            'sasa_mmdet.layers._san_cpu',
+            ['sasa_mmdet/layers/csrc/san_cpu.cpp'],
+            extra_compile_args=flags,
+            extra_link_args=['-fopenmp']),
     ]
 
 

@@ -24,19 +24,21 @@ from . import layers  # noqa: F401  (registers the attention layers)
 from .layers import (AttentionStem, LocalSelfAttention2d,
                      SpatiallyAwareAttention2d, local_attention,
                      local_attention_reference)
+from .layers import PairwiseSelfAttention2d, PatchwiseSelfAttention2d
 from .layers.attention_weights import local_attention_weights
 
 __version__ = '0.1.0'
 
 __all__ = [
     'AttentionStem', 'LocalSelfAttention2d', 'SpatiallyAwareAttention2d',
-    'local_attention', 'local_attention_reference', 'local_attention_weights'
+    'local_attention', 'local_attention_reference', 'local_attention_weights',
+    'PairwiseSelfAttention2d', 'PatchwiseSelfAttention2d'
 ]
 
 if importlib.util.find_spec('mmdet') is not None:
     from . import datasets, engine, models, utils  # noqa: F401  (registers modules)
-    from .models import SASAFPN, SASARetinaHead, SASAResNet
+    from .models import SAN, SASAFPN, SASARetinaHead, SASAResNet
     from .utils.mmengine_flops import register_mmengine_flop_counting
 
     register_mmengine_flop_counting()
-    __all__ += ['SASAFPN', 'SASAResNet', 'SASARetinaHead']
+    __all__ += ['SAN', 'SASAFPN', 'SASAResNet', 'SASARetinaHead']
