@@ -20,11 +20,12 @@ ALL_FILES = sorted(
 BASES = [name for name in ALL_FILES if name.startswith('_base_')]
 # mmpretrain classifier configs (configs/imagenet/, the pretraining demo's)
 # are tested in tests/test_configs_imagenet.py and
-# tests/test_models/test_pretrained_handoff.py
+# tests/test_models/test_pretrained_handoff.py; SAN's (configs/san/imagenet/)
+# in tests/test_configs_san.py
 CLASSIFIERS = [
     name for name in ALL_FILES
     if name.startswith('imagenet' + osp.sep) or name.endswith(
-        '_shape-classes.py')
+        '_shape-classes.py') or name.startswith(osp.join('san', 'imagenet', ''))
 ]
 CONFIGS = [
     name for name in ALL_FILES
@@ -102,8 +103,9 @@ def test_config_builds_and_trains_one_iteration(name):
     ]
     # Only the zero biases of bn1 / bn2 in residual branches that
     # zero_init_residual silences (norm3.weight = 0: zero gradient, and
-    # weight decay keeps zero at zero) may stay as they were.
-    silenced = re.compile(r'backbone\.layer\d\.\d+\.bn[12]\.bias')
+    # weight decay keeps zero at zero) may stay as they were, and the zero
+    # biases of an SE plugin after such a branch's conv3 (its input is 0).
+    silenced = re.compile(r'backbone\.layer\d\.\d+\.(bn[12]|se\.conv[12]\.conv)\.bias')
     assert all(silenced.fullmatch(name) for name in unchanged), unchanged
 
 
