@@ -58,9 +58,13 @@ def train(config: str, work_dir: str, epochs) -> dict:
                     f'train_cfg.val_interval={epochs}', f'param_scheduler.1.end={epochs}',
                     f'default_hooks.checkpoint.interval={epochs}']
     start = time.time()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(process.pid, 0)
+    # this checkout's sasa_mmdet, whatever is installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    with open(work_dir + '.log', 'w') as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env=env)
+        _, status, usage = os.wait4(process.pid, 0)
     if status != 0:
         raise RuntimeError(f'training {config} failed (status {status}); see {work_dir}')
     scalars = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))[-1]
@@ -88,6 +92,7 @@ def main(argv=None):
         if args.only and name not in args.only:
             continue
         work_dir = osp.join(args.work_dir, osp.basename(config)[:-3])
+        os.makedirs(work_dir, exist_ok=True)
         row = dict(model=name, config=config, epochs=args.epochs or 36, **complexity(config))
         row.update(train(config, work_dir, args.epochs))
         rows.append(row)
