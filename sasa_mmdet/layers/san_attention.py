@@ -46,7 +46,7 @@ from .local_attention import _check_positive_pair, average_pool_ceil
 from .san_ops import (san_aggregation, san_aggregation_reference, san_gather, san_subtraction,
                       san_subtraction_reference, san_unfold_reference)
 
-SAN_LAYER_IMPLS = ('auto', 'cpp', 'torch', 'reference')
+SAN_LAYER_IMPLS = ('auto', 'cpp', 'torch', 'triton', 'reference')
 
 
 def pixel_coordinates(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
@@ -94,8 +94,9 @@ class SANSelfAttention2d(nn.Module):
         norm_cfg (dict, optional): The norm layers of ``gamma`` (mmcv's
             ``build_norm_layer``); None: ``nn.BatchNorm2d``, the official.
         impl (str): 'auto' (the compiled CPU kernel for CPU tensors when
-            built, else PyTorch), 'cpp', 'torch' (any device) or
-            'reference' (unfold, slow; for tests). See
+            built, else PyTorch), 'cpp', 'torch' (any device), 'triton'
+            (CUDA; verified under the interpreter only) or 'reference'
+            (unfold, slow; for tests). See
             :mod:`sasa_mmdet.layers.san_ops`. Default: 'auto'.
         with_cp (bool): Activation checkpointing of the layer: keep only its
             input for backward and recompute the rest there. Default: False.

@@ -18,15 +18,20 @@ fake kernels and autograd, so the layers compile with
 them, one file per backend (``backends/``):
 
 - ``'cpp'``: the compiled CPU kernel (``csrc/san_cpu.cpp``, CPU tensors);
+- ``'triton'``: elementwise Triton kernels (``backends/san_triton.py``;
+  CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, for tests);
 - ``'torch'``: plain PyTorch, tap by tap over one padded copy, any device.
 
-``impl='auto'`` picks ``'cpp'`` for CPU tensors when the kernel is built and
-``'torch'`` otherwise (CUDA included: there are no Triton kernels for SAN
-yet). During ``torch.onnx.export`` the ``'torch'`` forward runs directly
+``impl='auto'`` picks ``'cpp'`` for CPU tensors when the kernel is built,
+``'torch'`` otherwise; the Triton kernels are verified under the
+interpreter only, so ``'auto'`` does not pick them yet (ask for
+``impl='triton'``). During ``torch.onnx.export`` the ``'torch'`` forward runs directly
 (standard ONNX operators only). Border modes: ``'reflect'`` (SAN's) and
 ``'mask'`` (``backends/san_geometry.py``). The definitions every backend is
 tested against are in ``backends/san_reference.py``.
 """
+import importlib.util
+import os
 from typing import Sequence, Tuple
 
 import torch
@@ -37,7 +42,10 @@ from .backends.san_geometry import check_border
 from .backends.san_reference import (san_aggregation_reference,  # noqa: F401
                                      san_subtraction_reference, san_unfold_reference)
 
-SAN_IMPLS = ('auto', 'cpp', 'torch')
+SAN_IMPLS = ('auto', 'cpp', 'torch', 'triton')
+# Plain bools, read once at import, so that torch.compile can guard on them.
+TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
+TRITON_INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
 def resolve_san_backend(impl: str, device: torch.device) -> str:
@@ -53,6 +61,12 @@ def resolve_san_backend(impl: str, device: torch.device) -> str:
     if impl == 'cpp' and (device.type != 'cpu' or not san_cpu.KERNEL_BUILT):
         raise ValueError(f"impl='cpp' needs CPU tensors and the compiled SAN kernel, got "
                          f"{device.type} tensors (kernel built: {san_cpu.KERNEL_BUILT})")
+    if impl == 'triton':
+        if not TRITON_INSTALLED:
+            raise ValueError("impl='triton' needs triton installed (pip install triton)")
+        if device.type != 'cuda' and not (device.type == 'cpu' and TRITON_INTERPRETED):
+            raise ValueError(f"impl='triton' runs on CUDA tensors, or on CPU tensors with "
+                             f"TRITON_INTERPRET=1 set before import; got {device.type} tensors")
     return impl
 
 
@@ -61,7 +75,10 @@ def _module(backend: str):
         return san_cpu
     if backend == 'torch':
         return san_pytorch
-    raise ValueError(f"backend must be 'cpp' or 'torch', got {backend!r}")
+    if backend == 'triton':
+        from .backends import san_triton  # kernels defined on first use
+        return san_triton
+    raise ValueError(f"backend must be 'cpp', 'torch' or 'triton', got {backend!r}")
 
 
 def _check_geometry(window, dilation, border) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -223,7 +240,7 @@ def san_aggregation(value: Tensor,
         dilation (tuple[int]): Spacing of the taps. Default: (1, 1).
         border (str): 'reflect' or 'mask' (taps outside the image add
             nothing). Default: 'reflect'.
-        impl (str): 'auto', 'cpp' or 'torch' (module docstring).
+        impl (str): 'auto', 'cpp', 'torch' or 'triton' (module docstring).
 
     Returns:
         Tensor: ``(B, C, H, W)`` in ``value``'s dtype.

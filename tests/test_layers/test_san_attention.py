@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from sasa_mmdet.layers import PairwiseSelfAttention2d, PatchwiseSelfAttention2d
 from sasa_mmdet.layers.backends import san_cpu
 from sasa_mmdet.layers.san_attention import pixel_coordinates
+from sasa_mmdet.layers.san_ops import TRITON_INSTALLED
 
 LAYERS = [PairwiseSelfAttention2d, PatchwiseSelfAttention2d]
 IMPLS = ['torch', pytest.param('cpp', marks=pytest.mark.skipif(
-    not san_cpu.KERNEL_BUILT, reason='the SAN CPU kernel is not built'))]
+    not san_cpu.KERNEL_BUILT, reason='the SAN CPU kernel is not built')),
+    pytest.param('triton', marks=pytest.mark.skipif(
+        not TRITON_INSTALLED, reason='triton is not installed'))]
 
 
 def _layer(cls, **kwargs):
@@ -172,7 +175,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='rel_channels must be a positive int'):
         PatchwiseSelfAttention2d(8, 16, 3, rel_channels=0)
     with pytest.raises(ValueError, match='impl must be one of'):
-        PairwiseSelfAttention2d(8, 16, 3, impl='triton')
+        PairwiseSelfAttention2d(8, 16, 3, impl='natten')
     with pytest.raises(ValueError, match='groups must be 1'):
         PairwiseSelfAttention2d(8, 16, 3, groups=2)
     with pytest.raises(ValueError, match='does not preserve the input size'):
