@@ -20,16 +20,20 @@ and the official README's figures. Usage::
 """
 import argparse
 import json
+import os.path as osp
+import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 from mmengine.analysis import get_model_complexity_info
 
-import sasa_mmdet  # noqa: F401  (registers the models and the FLOP handle)
-from sasa_mmdet.layers import PairwiseSelfAttention2d, PatchwiseSelfAttention2d
-from sasa_mmdet.models import SAN
-from sasa_mmdet.utils.complexity import ImageClassifier, count_parameters, get_model_complexity
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+import sasa_mmdet  # noqa: E402,F401  (this checkout's; registers the models, FLOP handle)
+from sasa_mmdet.layers import PairwiseSelfAttention2d, PatchwiseSelfAttention2d  # noqa: E402
+from sasa_mmdet.models import SAN  # noqa: E402
+from sasa_mmdet.utils.complexity import (ImageClassifier, count_parameters,  # noqa: E402
+                                         get_model_complexity)
 
 # hszhao/SAN README: params (M), multiply-adds (G), top-1 (%).
 OFFICIAL = {(10, 'pairwise'): (10.5, 2.2, 74.9), (10, 'patchwise'): (11.8, 1.9, 77.1),

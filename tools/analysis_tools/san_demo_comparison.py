@@ -30,6 +30,7 @@ import sys
 import time
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, ROOT)  # this checkout's sasa_mmdet, whatever is installed
 MODELS = {
     'conv (ResNet-18/4)': 'configs/demo/retinanet_r-tiny_shapes.py',
     'SASA': 'configs/demo/retinanet_sasa-tiny_shapes.py',

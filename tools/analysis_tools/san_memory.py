@@ -19,13 +19,16 @@ Usage::
 import argparse
 import ctypes
 import json
+import os.path as osp
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn as nn
 
-from sasa_mmdet.layers import (LocalSelfAttention2d, PairwiseSelfAttention2d,
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from sasa_mmdet.layers import (LocalSelfAttention2d, PairwiseSelfAttention2d,  # noqa: E402
                                PatchwiseSelfAttention2d)
 
 
