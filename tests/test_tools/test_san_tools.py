@@ -53,3 +53,10 @@ def test_demo_comparison_counts_the_four_detectors():
     assert set(counts) == {'conv (ResNet-18/4)', 'SASA', 'SAN pairwise', 'SAN patchwise'}
     assert all(c['backbone_params'] < c['params'] for c in counts.values())
     assert counts['SAN pairwise']['backbone_params'] < counts['SAN patchwise']['backbone_params']
+
+
+def test_step_times_of_the_demo_detectors():
+    tool = _tool('san_demo_comparison')
+    times = tool.step_times({'SAN pairwise': osp.join(ROOT, tool.MODELS['SAN pairwise'])},
+                            steps=1)
+    assert list(times) == ['SAN pairwise'] and times['SAN pairwise'] > 0

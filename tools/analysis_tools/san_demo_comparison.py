@@ -19,6 +19,8 @@ Usage (the dataset is written first if missing)::
 
     python tools/analysis_tools/san_demo_comparison.py [--epochs 36] \
         [--work-dir work_dirs/san_demo_comparison] [--only NAME ...]
+    # training-step times of the four, back to back in one process
+    python tools/analysis_tools/san_demo_comparison.py --step-times 5
 """
 import argparse
 import glob
@@ -49,6 +51,37 @@ def complexity(config: str) -> dict:
     return dict(params=parts['total']['params'], backbone_params=parts['backbone']['params'],
                 multiply_adds=parts['total']['multiply_adds'],
                 backbone_multiply_adds=parts['backbone']['multiply_adds'])
+
+
+def step_times(configs: dict, steps: int = 5) -> dict:
+    """Mean training-step time of each detector, back to back in this
+    process on one synthetic batch (8 images of 160x160, 3 boxes each):
+    the same machine state for all, unlike the training logs' times."""
+    import torch
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmdet.testing import demo_mm_inputs
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+
+    import sasa_mmdet  # noqa: F401
+
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    data = demo_mm_inputs(8, [[3, 160, 160]] * 8, num_items=[3] * 8, num_classes=3)
+    times = {}
+    for name, config in configs.items():
+        cfg = Config.fromfile(config)
+        model = DET_MODELS.build(cfg.model)
+        model.init_weights()
+        model.train()
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        model.train_step(data, optim_wrapper)  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.train_step(data, optim_wrapper)
+        times[name] = (time.perf_counter() - start) / steps
+    return times
 
 
 def train(config: str, work_dir: str, epochs) -> dict:
@@ -83,7 +116,15 @@ def main(argv=None):
                         help="training epochs (default: the demo's 36)")
     parser.add_argument('--work-dir', default='work_dirs/san_demo_comparison')
     parser.add_argument('--only', nargs='+', choices=list(MODELS), help='a subset of models')
+    parser.add_argument('--step-times', type=int, default=0, metavar='STEPS',
+                        help='instead of training, time STEPS training steps of each model '
+                        'back to back in one process')
     args = parser.parse_args(argv)
+    if args.step_times:
+        configs = {n: c for n, c in MODELS.items() if not args.only or n in args.only}
+        times = step_times(configs, args.step_times)
+        print(json.dumps(times))
+        return times
     data_root = os.environ.setdefault('SASA_DEMO_DATA_ROOT', 'data/sasa_demo')
     if not osp.exists(osp.join(ROOT, data_root, 'annotations', 'val.json')):
         subprocess.run([sys.executable, 'tools/misc/make_demo_dataset.py', '--out', data_root],
