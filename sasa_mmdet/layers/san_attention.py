@@ -52,8 +52,14 @@ SAN_LAYER_IMPLS = ('auto', 'cpp', 'torch', 'triton', 'reference')
 def pixel_coordinates(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
     """SAN's position input: ``(1, 2, H, W)``, channel 0 the column and
     channel 1 the row coordinate, each ``linspace(-1, 1)`` over its axis."""
-    cols = torch.linspace(-1.0, 1.0, width, device=device, dtype=dtype)
-    rows = torch.linspace(-1.0, 1.0, height, device=device, dtype=dtype)
+
+    def axis(length: int) -> Tensor:
+        # linspace(-1, 1, length) written as arange, which ONNX export keeps
+        # in the input's dtype (its linspace becomes float64)
+        steps = torch.arange(length, device=device, dtype=dtype)
+        return steps * (2.0 / (length - 1)) - 1.0 if length > 1 else steps - 1.0
+
+    cols, rows = axis(width), axis(height)
     return torch.stack([cols.expand(height, width), rows[:, None].expand(height, width)])[None]
 
 

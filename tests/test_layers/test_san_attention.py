@@ -184,3 +184,21 @@ def test_bad_arguments():
         PairwiseSelfAttention2d(0, 16, 3)
     with pytest.raises(ValueError, match=r'expects input \(N, 8, H, W\)'):
         PatchwiseSelfAttention2d(8, 16, 3)(torch.rand(1, 4, 5, 5))
+
+
+@pytest.mark.parametrize('cls', LAYERS)
+@pytest.mark.parametrize('border', ['reflect', 'mask'])
+def test_onnx_export_runs_in_onnxruntime(cls, border):
+    """Exported, the layers are standard ONNX operators (the 'torch' forward)."""
+    import io
+
+    import numpy as np
+    ort = pytest.importorskip('onnxruntime')
+    torch.manual_seed(0)
+    layer = cls(8, 16, 3, window_size=5, stride=2, border=border).eval()
+    x = torch.randn(2, 8, 9, 11)
+    buffer = io.BytesIO()
+    torch.onnx.export(layer, (x, ), buffer, dynamo=False, opset_version=17)
+    session = ort.InferenceSession(buffer.getvalue())
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, layer(x).detach().numpy(), rtol=1e-4, atol=1e-5)

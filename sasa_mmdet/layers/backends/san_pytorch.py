@@ -64,8 +64,12 @@ def subtraction_forward(x1: Tensor, x2: Tensor, window, dilation, border) -> Ten
     """``out[:, :, t] = x1 - (x2 at tap t)``, ``(B, C, T, H, W)``."""
     height, width = x2.shape[-2:]
     padded = pad_map(x2, window, dilation, border)
+    views = shifted_views(padded, height, width, window, dilation)
+    if torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
+        # traced for export with differentiable inputs: no out= arguments
+        return torch.stack([x1 - view for view in views], dim=2)
     out = x1.new_empty(x1.shape[0], x1.shape[1], window[0] * window[1], height, width)
-    for t, view in enumerate(shifted_views(padded, height, width, window, dilation)):
+    for t, view in enumerate(views):
         torch.sub(x1, view, out=out[:, :, t])
     return out
 
