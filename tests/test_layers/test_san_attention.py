@@ -12,10 +12,18 @@ from sasa_mmdet.layers.san_attention import pixel_coordinates
 from sasa_mmdet.layers.san_ops import TRITON_INSTALLED
 
 LAYERS = [PairwiseSelfAttention2d, PatchwiseSelfAttention2d]
-IMPLS = ['torch', pytest.param('cpp', marks=pytest.mark.skipif(
-    not san_cpu.KERNEL_BUILT, reason='the SAN CPU kernel is not built')),
-    pytest.param('triton', marks=pytest.mark.skipif(
-        not TRITON_INSTALLED, reason='triton is not installed'))]
+SKIP_CPP = pytest.mark.skipif(not san_cpu.KERNEL_BUILT, reason='the SAN CPU kernel is not built')
+SKIP_TRITON = pytest.mark.skipif(not TRITON_INSTALLED, reason='triton is not installed')
+# Every impl at every geometry; the Triton kernels (under the interpreter
+# here, tests/conftest.py) at one geometry per border (test_san_ops.py
+# covers the others).
+IMPL_CASES = [
+    pytest.param(impl, border, stride, size, marks=[SKIP_CPP] if impl == 'cpp' else [],
+                 id=f'{impl}-{border}-s{stride}-{size[0]}x{size[1]}')
+    for impl in ('torch', 'cpp') for border in ('reflect', 'mask')
+    for stride, size in ((1, (7, 6)), (2, (7, 5)), (1, (2, 3)))
+] + [pytest.param('triton', border, 2, (7, 5), marks=SKIP_TRITON, id=f'triton-{border}-s2-7x5')
+     for border in ('reflect', 'mask')]
 
 
 def _layer(cls, **kwargs):
@@ -73,9 +81,7 @@ def test_matches_the_official_formula(cls):
 
 
 @pytest.mark.parametrize('cls', LAYERS)
-@pytest.mark.parametrize('impl', IMPLS)
-@pytest.mark.parametrize('border', ['reflect', 'mask'])
-@pytest.mark.parametrize('stride,size', [(1, (7, 6)), (2, (7, 5)), (1, (2, 3))])
+@pytest.mark.parametrize('impl,border,stride,size', IMPL_CASES)
 def test_impls_match_reference_with_every_gradient(cls, impl, border, stride, size):
     reference = _layer(cls, stride=stride, window_size=(5, 3), border=border,
                        impl='reference')
