@@ -15,11 +15,14 @@ model = dict(
         sa_type='pairwise',
         out_indices=(1, 2, 3, 4),
         # No ImageNet-pretrained SAN is bundled, so the backbone trains from
-        # scratch: nothing frozen, BN statistics updated. With a checkpoint
-        # of configs/san/imagenet/, set frozen_stages=2 (stem, stages 0-1),
-        # norm_eval=True and
+        # scratch: nothing frozen, BN statistics updated. With ImageNet
+        # weights, set frozen_stages=2 (stem, stages 0-1), norm_eval=True
+        # and, for a checkpoint of configs/san/imagenet/,
         #   init_cfg=dict(type='Pretrained', checkpoint='san10.pth',
         #                 prefix='backbone.')
+        # or, for an official hszhao/SAN one converted by
+        # tools/model_converters/san_official_to_mmdet.py,
+        #   init_cfg=dict(type='Pretrained', checkpoint='converted.pth')
         frozen_stages=-1,
         norm_eval=False,
         init_cfg=None),

@@ -1,4 +1,6 @@
 """The SAN backbone (``sasa_mmdet/models/backbones/san.py``)."""
+import re
+
 import pytest
 import torch
 from mmdet.registry import MODELS
@@ -106,3 +108,35 @@ def test_invalid_arguments(kwargs, message):
     cfg.update(kwargs)
     with pytest.raises((ValueError, KeyError), match=message):
         SAN(**cfg)
+
+
+def _official_name(ours: str) -> str:
+    """Our name -> model/san.py's (the inverse of official_san_key), written
+    out independently for the test."""
+    ours = ours.replace('stem.conv.', 'conv_in.').replace('stem.bn.', 'bn_in.')
+    ours = re.sub(r'layer(\d)\.(conv|bn)\.', r'\2\1.', ours)
+    ours = re.sub(r'layer(\d)\.blocks\.(\d+)\.', r'layer\1.\2.', ours)
+    for official, mine in (('conv1', 'phi'), ('conv2', 'psi'), ('conv3', 'beta'),
+                           ('conv_w', 'gamma'), ('conv_p', 'position')):
+        ours = ours.replace(f'.sam.{mine}.', f'.sam.{official}.')
+    return ours
+
+
+@pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
+def test_official_checkpoint_names_convert(sa_type):
+    from sasa_mmdet.models.backbones.san_checkpoint import convert_official_san
+
+    torch.manual_seed(0)
+    source = SAN(10, sa_type, **TINY)
+    official = {'module.' + _official_name(k): v for k, v in source.state_dict().items()}
+    assert 'module.layer0.0.sam.conv_w.2.weight' in official
+    assert 'module.conv_in.weight' in official and 'module.bn4.running_mean' in official
+    official['module.fc.weight'] = torch.zeros(1000, 128)
+    converted = convert_official_san(official)
+    assert 'fc.weight' not in converted
+    target = SAN(10, sa_type, **TINY)
+    target.load_state_dict(converted, strict=True)
+    x = torch.rand(1, 3, 32, 32)
+    source.eval(), target.eval()
+    torch.testing.assert_close(target(x), source(x))
+    assert 'fc.weight' in convert_official_san(official, keep_classifier=True)

@@ -60,3 +60,18 @@ def test_step_times_of_the_demo_detectors():
     times = tool.step_times({'SAN pairwise': osp.join(ROOT, tool.MODELS['SAN pairwise'])},
                             steps=1)
     assert list(times) == ['SAN pairwise'] and times['SAN pairwise'] > 0
+
+
+def test_official_checkpoint_converter(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        'san_official_to_mmdet',
+        osp.join(ROOT, 'tools', 'model_converters', 'san_official_to_mmdet.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    official = {'module.conv_in.weight': torch.ones(64, 3, 1, 1),
+                'module.layer1.0.sam.conv_p.bias': torch.ones(2),
+                'module.fc.weight': torch.ones(1000, 2048)}
+    torch.save(dict(state_dict=official, epoch=100), tmp_path / 'official.pth')
+    tool.main([str(tmp_path / 'official.pth'), str(tmp_path / 'ours.pth')])
+    converted = torch.load(tmp_path / 'ours.pth', weights_only=True)['state_dict']
+    assert list(converted) == ['stem.conv.weight', 'layer1.blocks.0.sam.position.bias']
