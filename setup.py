@@ -37,9 +37,22 @@ def cpu_attention_extension():
         extra_link_args=['-fopenmp'])
 
 
+def san_cpu_extension():
+    """SAN's neighbourhood operators on CPU (``sasa_mmdet.layers._san_cpu``,
+    used by sasa_mmdet/layers/san_ops.py)."""
+    from torch.utils.cpp_extension import CppExtension
+    flags = ['-O3', '-fopenmp']
+    if native_build():
+        flags.append('-march=native')
+    return CppExtension(
+        'sasa_mmdet.layers._san_cpu', ['sasa_mmdet/layers/csrc/san_cpu.cpp'],
+        extra_compile_args=flags,
+        extra_link_args=['-fopenmp'])
+
+
 def extensions() -> list:
     """Every compiled extension of the package; add new ones here."""
-    return [cpu_attention_extension()] + onnxruntime_extensions()
+    return [cpu_attention_extension(), san_cpu_extension()] + onnxruntime_extensions()
 
 
 def onnxruntime_include_dir():

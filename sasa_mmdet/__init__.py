@@ -31,6 +31,7 @@ from .layers import (AttentionStem, LocalSelfAttention2d,
                      SpatiallyAwareAttention2d, local_attention,
                      local_attention_reference)
 from .deployment import onnxruntime_ops_path
+from .layers import PairwiseSelfAttention2d, PatchwiseSelfAttention2d
 from .layers.attention_weights import local_attention_weights
 
 __version__ = '0.1.0'
@@ -38,7 +39,7 @@ __version__ = '0.1.0'
 __all__ = [
     'AttentionStem', 'LocalSelfAttention2d', 'SpatiallyAwareAttention2d',
     'local_attention', 'local_attention_reference', 'local_attention_weights',
-    'onnxruntime_ops_path'
+    'onnxruntime_ops_path', 'PairwiseSelfAttention2d', 'PatchwiseSelfAttention2d'
 ]
 
 
@@ -60,8 +61,8 @@ def _register_detection_modules() -> bool:
 
 
 if importlib.util.find_spec('mmdet') is not None and _register_detection_modules():
-    from .models import SASAFPN, SASARetinaHead, SASAResNet
+    from .models import SAN, SASAFPN, SASARetinaHead, SASAResNet
     from .utils.mmengine_flops import register_mmengine_flop_counting
 
     register_mmengine_flop_counting()
-    __all__ += ['SASAFPN', 'SASAResNet', 'SASARetinaHead']
+    __all__ += ['SAN', 'SASAFPN', 'SASAResNet', 'SASARetinaHead']

@@ -21,11 +21,12 @@ ALL_FILES = sorted(
 BASES = [name for name in ALL_FILES if name.startswith('_base_')]
 # mmpretrain classifier configs (configs/imagenet/, the pretraining demo's)
 # are tested in tests/test_configs_imagenet.py and
-# tests/test_models/test_pretrained_handoff.py
+# tests/test_models/test_pretrained_handoff.py; SAN's (configs/san/imagenet/)
+# in tests/test_configs_san.py
 CLASSIFIERS = [
     name for name in ALL_FILES
     if name.startswith('imagenet' + osp.sep) or name.endswith(
-        '_shape-classes.py')
+        '_shape-classes.py') or name.startswith(osp.join('san', 'imagenet', ''))
 ]
 CONFIGS = [
     name for name in ALL_FILES
@@ -33,12 +34,15 @@ CONFIGS = [
 ]
 
 
-METAFILE = osp.join(CONFIG_DIR, 'sasa', 'metafile.yml')
+METAFILES = ['configs/sasa/metafile.yml', 'configs/san/metafile.yml']
 
 
 def metafile_models():
-    with open(METAFILE) as f:
-        return {model['Name']: model for model in yaml.safe_load(f)['Models']}
+    models = {}
+    for metafile in METAFILES:
+        with open(osp.join(CONFIG_DIR, '..', metafile)) as f:
+            models.update({model['Name']: model for model in yaml.safe_load(f)['Models']})
+    return models
 
 
 def load(name):
@@ -65,30 +69,33 @@ def test_config_files_found():
     assert BASES
 
 
-def test_model_index_lists_every_configs_sasa_config():
-    """mim's model index: model-index.yml imports configs/sasa/metafile.yml,
-    whose models are exactly the configs in configs/sasa/ (each of which
-    builds and trains a step in test_config_builds_and_trains_one_iteration,
-    where its parameter count is checked against the metafile)."""
+@pytest.mark.parametrize('folder,collection_name', [('sasa', 'SASA'), ('san', 'SAN')])
+def test_model_index_lists_every_config(folder, collection_name):
+    """mim's model index: model-index.yml imports configs/<folder>/metafile.yml,
+    whose models are exactly the detection configs in configs/<folder>/ (each
+    of which builds and trains a step in
+    test_config_builds_and_trains_one_iteration, where its parameter count
+    is checked against the metafile)."""
     root = osp.join(CONFIG_DIR, '..')
     with open(osp.join(root, 'model-index.yml')) as f:
-        assert yaml.safe_load(f)['Import'] == ['configs/sasa/metafile.yml']
-    with open(METAFILE) as f:
+        assert yaml.safe_load(f)['Import'] == METAFILES
+    with open(osp.join(root, 'configs', folder, 'metafile.yml')) as f:
         meta = yaml.safe_load(f)
     (collection, ) = meta['Collections']
-    assert collection['Name'] == 'SASA'
+    assert collection['Name'] == collection_name
     assert osp.isfile(osp.join(root, collection['README']))
     models = meta['Models']
     listed = sorted(model['Config'] for model in models)
     on_disk = sorted('configs/' + name for name in CONFIGS
-                     if name.startswith('sasa' + osp.sep))
+                     if name.startswith(folder + osp.sep))
     assert listed == on_disk
     for model in models:
+        config = model['Config'][len('configs/'):]
         assert model['Name'] == osp.splitext(osp.basename(model['Config']))[0]
-        assert model['In Collection'] == 'SASA'
-        assert model['Metadata']['Training Data'] == 'COCO'
-        assert model['Metadata']['Epochs'] == load(
-            model['Config'][len('configs/'):]).train_cfg.max_epochs
+        assert model['In Collection'] == collection_name
+        assert model['Metadata']['Training Data'] == (
+            'Synthetic shapes' if config.endswith('_shapes.py') else 'COCO')
+        assert model['Metadata']['Epochs'] == load(config).train_cfg.max_epochs
 
 
 @pytest.mark.parametrize('name', BASES)
@@ -134,7 +141,7 @@ def test_config_builds_and_trains_one_iteration(name):
         name: p
         for name, p in model.named_parameters() if p.requires_grad
     }
-    if name.startswith('sasa' + osp.sep):
+    if name.startswith(('sasa' + osp.sep, 'san' + osp.sep)):
         entry = metafile_models()[osp.splitext(osp.basename(name))[0]]
         assert entry['Metadata']['Parameters'] == count(model)
     before = {name: p.detach().clone() for name, p in trainable.items()}
@@ -147,8 +154,9 @@ def test_config_builds_and_trains_one_iteration(name):
     ]
     # Only the zero biases of bn1 / bn2 in residual branches that
     # zero_init_residual silences (norm3.weight = 0: zero gradient, and
-    # weight decay keeps zero at zero) may stay as they were.
-    silenced = re.compile(r'backbone\.layer\d\.\d+\.bn[12]\.bias')
+    # weight decay keeps zero at zero) may stay as they were, and the zero
+    # biases of an SE plugin after such a branch's conv3 (its input is 0).
+    silenced = re.compile(r'backbone\.layer\d\.\d+\.(bn[12]|se\.conv[12]\.conv)\.bias')
     assert all(silenced.fullmatch(name) for name in unchanged), unchanged
 
 
@@ -162,7 +170,7 @@ def test_config_carries_the_runtime_hooks_and_exact_resume(name):
     hooks = [hook['type'] for hook in cfg.custom_hooks]
     assert 'SafeCheckpointHook' in hooks and 'EpochSeedHook' in hooks
     loader = cfg.train_dataloader
-    if name.startswith('demo' + osp.sep):
+    if name.startswith('demo' + osp.sep) or name.endswith('_shapes.py'):
         # the demos keep the persistent worker their documented results
         # were trained with (docs/reliability.md)
         assert loader.persistent_workers and loader.num_workers == 1

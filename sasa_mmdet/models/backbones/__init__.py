@@ -1,7 +1,8 @@
+from .san import SAN
 from .sasa_resnet import (PretrainedMismatchError, ResNetArgumentError,
                           SASAResNet, UnknownDepthError)
 
 __all__ = [
-    'PretrainedMismatchError', 'ResNetArgumentError', 'SASAResNet',
+    'PretrainedMismatchError', 'ResNetArgumentError', 'SAN', 'SASAResNet',
     'UnknownDepthError'
 ]

@@ -1,0 +1,4 @@
+"""ResNet plugins, registered in mmengine's root ``MODELS``."""
+from .se import SEPlugin
+
+__all__ = ['SEPlugin']
