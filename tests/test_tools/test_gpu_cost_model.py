@@ -261,3 +261,84 @@ def test_cost_model_table_json_and_sass(tmp_path):
     assert len(dumped) == len({k['variant'] for r in result['rows']
                                for k in r['archs']['90']['kernels']})
     assert all(name.startswith('sm90_') and name.endswith('.sass') for name in dumped)
+
+
+def _benchmark_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('benchmark_tool',
+                                                  osp.join(ROOT, 'tools', 'benchmark.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_modelled_shapes_are_the_benchmarked_ones():
+    """Calibration pairs rows by shape: the model's shapes and their
+    flipped widths are the GPU benchmark's 640 presets."""
+    presets = _benchmark_module().PRESETS
+    shapes = [(c, h, w) for _, c, h, w in model.SHAPES]
+    assert shapes == presets['resnet50-640'] + presets['fpn-head-640']
+    assert [(c, h, model.flipped_width(w)) for c, h, w in shapes] == (
+        presets['resnet50-640-wflip'] + presets['fpn-head-640-wflip'])
+
+
+def _model_row(shape, layer_us, conv_us):
+    channels, height, width = shape
+    return dict(channels=channels, height=height, width=width, batch=8,
+                archs={'90': dict(layer_us=layer_us, conv=dict(total_us=conv_us),
+                                  ratio_to_conv=layer_us / conv_us)})
+
+
+def test_calibration_puts_measurements_beside_predictions(tmp_path):
+    modelled = tmp_path / 'model.json'
+    modelled.write_text(json.dumps(dict(
+        triton='3.8.0', kernel_source=dict(backend_sha1='0123456789ab'),
+        rows=[_model_row((256, 80, 80), 200.0, 100.0), _model_row((256, 80, 84), 300.0, 120.0)])))
+    bench = tmp_path / 'benchmark.json'
+    layer = dict(kind='layer', batch=8, dtype='bfloat16', preset='fpn-head-640')
+    bench.write_text(json.dumps(dict(meta=dict(gpu='NVIDIA H100 80GB HBM3', triton='3.6.0'),
+                                     rows=[
+        dict(layer, shape=[256, 80, 80], impl='triton bfloat16', time_s=400e-6,
+             conv_time_s=150e-6),
+        dict(layer, shape=[256, 80, 80], impl='torch bfloat16', time_s=9e-3, conv_time_s=1e-4),
+        dict(layer, shape=[256, 40, 40], impl='triton bfloat16', time_s=1e-4, conv_time_s=1e-4),
+        dict(layer, shape=[256, 80, 84], impl='triton bfloat16', error='OutOfMemoryError'),
+    ])))
+    rows = model.calibrate(str(modelled), [str(bench)], str(tmp_path / 'out'))
+    assert len(rows) == 1  # the PyTorch row, the unmodelled shape and the failed case drop out
+    row = rows[0]
+    assert row['shape'] == [256, 80, 80]
+    assert row['measured_over_predicted'] == pytest.approx(2.0)
+    assert row['conv_measured_over_predicted'] == pytest.approx(1.5)
+    assert row['ratio_to_conv_measured'] == pytest.approx(400 / 150)
+    assert row['ratio_to_conv_predicted'] == pytest.approx(2.0)
+    saved = json.loads((tmp_path / 'out' / 'calibration.json').read_text())
+    assert saved['rows'] == rows
+    assert any('kernels changed since the model' in note for note in saved['notes'])
+    table = (tmp_path / 'out' / 'calibration.md').read_text()
+    assert '| 256, 80, 80 (8) | 400 | 200 | 2.00 | 150 | 100 | 1.50 | 2.67 | 2.00 |' in table
+
+
+def test_calibrate_refuses_missing_files(tmp_path):
+    proc = _tool('gpu_cost_model.py', '--calibrate', str(tmp_path / 'none.json'),
+                 '--model-json', str(tmp_path / 'model.json'))
+    assert proc.returncode == 2 and 'no such file' in proc.stderr
+
+
+def test_gpu_check_script_parses_and_plans_both_widths():
+    script = osp.join(ROOT, 'tools', 'gpu_check.sh')
+    assert subprocess.run(['bash', '-n', script]).returncode == 0
+    proc = subprocess.run(['bash', script, '--dry-run', 'work_dirs/plan'], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stdout.splitlines() if line.startswith('+ timeout')]
+    assert any('tests/test_layers/test_triton_kernels.py' in s for s in steps)
+    assert any('--preset resnet50-640 --preset fpn-head-640' in s and 'triton torch' in s
+               for s in steps)
+    assert any('--preset resnet50-640-wflip --preset fpn-head-640-wflip' in s for s in steps)
+    calibration = next(s for s in steps if '--calibrate' in s)
+    assert 'benchmark/benchmark.json' in calibration and 'benchmark-wflip' in calibration
+    # The planned budgets fit the 10 minutes with room for set-up.
+    assert sum(int(s.split()[2]) for s in steps) <= 570
+    bad = subprocess.run(['bash', script, '--bogus'], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and 'unknown option' in bad.stderr
