@@ -17,8 +17,8 @@
 # machines' Python 3.12, torch 2.11+cu130, triton 3.6). mmengine, pytest and
 # their pure-Python dependencies are taken from build/gpu_wheels/ when they
 # are not installed (a GPU node without a package registry: fetch the wheels
-# elsewhere, copy the folder along). mmdet and mmcv are not needed: the layer
-# and its kernels use neither. PYTHON picks the interpreter (default: python3).
+# elsewhere, copy the folder along). mmdet and mmcv are optional (step 8):
+# the layer and its kernels use neither. PYTHON picks the interpreter (default: python3).
 #
 # Steps (budget in seconds, each also bounded by what is left):
 #   1. environment (GPU, versions)                                  -> env.txt
@@ -31,6 +31,8 @@
 #      sm_90) beside every measured shape                           -> calibration.md/.json
 #   6. the issue's GPU targets, met or not                          -> targets.md
 #   7. optional, if at least 60 s are left: FlexAttention peer, bf16 -> benchmark-flex/
+#   8. optional, with mmdet and mmcv's CUDA ops and 120 s left: a training
+#      step of each Table 2 model, bf16                              -> benchmark-models/
 # gpu_check.log has all of it as it ran. Exit status: 0 when the tests and
 # the main benchmark passed.
 set -uo pipefail
@@ -86,19 +88,21 @@ run() {
   timeout "$limit" "$@"
 }
 
-BENCH=(tools/benchmark.py --device cuda --dtypes bfloat16 --repeats 5)
+BENCH=(tools/benchmark.py --device cuda --dtypes bfloat16)
 if (( DRY )); then
   say "dry run: the steps tools/gpu_check.sh would run (outputs in $OUT_DIR)"
   run 150 "$PY" -m pytest tests/test_layers/test_triton_kernels.py -m 'not slow' -q
-  run 200 "$PY" "${BENCH[@]}" --impls triton torch --preset resnet50-640 \
+  run 200 "$PY" "${BENCH[@]}" --repeats 5 --impls triton torch --preset resnet50-640 \
     --preset fpn-head-640 --out "$OUT_DIR/benchmark"
-  run 100 "$PY" "${BENCH[@]}" --impls triton --preset resnet50-640-wflip \
+  run 100 "$PY" "${BENCH[@]}" --repeats 5 --impls triton --preset resnet50-640-wflip \
     --preset fpn-head-640-wflip --out "$OUT_DIR/benchmark-wflip"
   run 20 "$PY" tools/analysis_tools/gpu_cost_model.py --model-json "$MODEL_JSON" \
     --calibrate "$OUT_DIR/benchmark/benchmark.json" "$OUT_DIR/benchmark-wflip/benchmark.json" \
     --out "$OUT_DIR"
-  run 90 "$PY" "${BENCH[@]}" --impls triton flex --preset resnet50-640 \
+  run 90 "$PY" "${BENCH[@]}" --repeats 5 --impls triton flex --preset resnet50-640 \
     --preset fpn-head-640 --out "$OUT_DIR/benchmark-flex"
+  echo "(step 8 only with mmdet and mmcv's CUDA ops:)"
+  echo "+ timeout 110 $PY ${BENCH[*]} --models --no-layers --repeats 3 --out $OUT_DIR/benchmark-models"
   exit 0
 fi
 
@@ -146,13 +150,14 @@ TESTS_RC=${PIPESTATUS[0]}
 say "tests exit code $TESTS_RC ($(left) s of the budget left)"
 
 say "3. benchmark, bf16: Triton and the per-offset PyTorch path beside cuDNN, 640 shapes (W=80, ...)"
-run 200 "$PY" "${BENCH[@]}" --impls triton torch --preset resnet50-640 --preset fpn-head-640 \
+run 200 "$PY" "${BENCH[@]}" --repeats 5 --impls triton torch --preset resnet50-640 \
+  --preset fpn-head-640 \
   --out "$OUT_DIR/benchmark"
 BENCH_RC=$?
 say "benchmark exit code $BENCH_RC ($(left) s left)"
 
 say "4. benchmark, bf16: Triton beside cuDNN, the widths' divisibility by 16 flipped (W=84, ...)"
-run 100 "$PY" "${BENCH[@]}" --impls triton --preset resnet50-640-wflip \
+run 100 "$PY" "${BENCH[@]}" --repeats 5 --impls triton --preset resnet50-640-wflip \
   --preset fpn-head-640-wflip --out "$OUT_DIR/benchmark-wflip"
 say "flipped-width benchmark exit code $? ($(left) s left)"
 
@@ -191,11 +196,20 @@ PY
 
 if (( $(left) >= 60 )); then
   say "7. benchmark, bf16: FlexAttention peer (exact SASA mask and q.r) at the 640 shapes"
-  run 90 "$PY" "${BENCH[@]}" --impls triton flex --preset resnet50-640 --preset fpn-head-640 \
+  run 90 "$PY" "${BENCH[@]}" --repeats 5 --impls triton flex --preset resnet50-640 \
+    --preset fpn-head-640 \
     --out "$OUT_DIR/benchmark-flex"
   say "flex benchmark exit code $?"
 else
   say "7. FlexAttention peer skipped ($(left) s left)"
+fi
+
+if "$PY" -c 'import mmdet, mmcv.ops' 2>/dev/null && (( $(left) >= 120 )); then
+  say "8. benchmark, bf16: a training step of each Table 2 model (mmdet and mmcv are here)"
+  run 110 "$PY" "${BENCH[@]}" --models --no-layers --repeats 3 --out "$OUT_DIR/benchmark-models"
+  say "model benchmark exit code $?"
+else
+  say "8. model training steps skipped (needs mmdet and mmcv's CUDA ops, and 120 s; $(left) s left)"
 fi
 
 say "done in $((SECONDS - START)) s; outputs in $OUT_DIR"

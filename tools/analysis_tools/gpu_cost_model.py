@@ -965,6 +965,84 @@ def print_table(rows: List[dict], archs, legacy: Optional[dict]) -> None:
             print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['detail']}")
 
 
+def markdown_report(rows: List[dict], archs, legacy: Optional[dict],
+                    detail_shapes=((256, 80, 80), (256, 80, 84))) -> str:
+    """The layer table per arch (legacy beside), the kernels at
+    ``detail_shapes`` and the targets, as Markdown."""
+    lines = []
+    for arch in archs:
+        gpu = GPUS[arch]
+        lines += [f"### sm_{arch} ({gpu['name']})", '',
+                  f"Assumed: {gpu['sms']} SMs at {gpu['clock_ghz']} GHz issuing "
+                  f"{gpu['warp_issue_per_clock']} warp instructions a clock, "
+                  f"{gpu['dram_tb_s']} TB/s DRAM at {DRAM_EFFICIENCY:.0%}, "
+                  f"{gpu['tensor_tflops_bf16']:.0f} TFLOP/s dense bf16 tensor cores; the "
+                  f"convolution and the layer's projection GEMM at {GEMM_EFFICIENCY:.0%} of "
+                  f"that; every kernel at least {KERNEL_FLOOR_US:.0f} us. Batch "
+                  f"{rows[0]['batch'] if rows else BATCH}, bf16, window {WINDOW}, "
+                  f"{HEADS} heads; times are forward + backward.", '',
+                  '| layer (C, H x W) | head width | warp instr / pixel: legacy | new (fwd + bwd) '
+                  '| fewer | tensor-core instr / pixel | max regs | spills | attention kernels us '
+                  '| layer us | conv us | layer / conv | target |',
+                  '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: '
+                  '| ---: | --- |']
+        for row in rows:
+            entry = row['archs'].get(arch)
+            if entry is None:
+                continue
+            old = legacy_row(legacy, row, arch) if legacy else None
+            new_px = entry['warp_instructions_per_pixel']
+            old_px = old['warp_instructions_per_pixel'] if old else None
+            limit = TARGET_RATIO.get(row['head_dim'], TARGET_RATIO_DEFAULT)
+            kernels = entry['kernels']
+            tensor_px = (entry['forward']['tensor_core_per_pixel']
+                         + entry['backward']['tensor_core_per_pixel'])
+            lines.append(
+                f"| {row['name']} ({row['channels']}, {row['height']} x {row['width']}) "
+                f"| {row['head_dim']} | {f'{old_px:,.0f}' if old_px else '-'} "
+                f"| {new_px:,.0f} ({entry['forward']['warp_instructions_per_pixel']:,.0f} + "
+                f"{entry['backward']['warp_instructions_per_pixel']:,.0f}) "
+                f"| {f'{old_px / new_px:.1f}x' if old_px else '-'} "
+                f"| {tensor_px:.0f} "
+                f"| {max((k['registers'] for k in kernels), default=0)} "
+                f"| {max((k['spill_bytes'] for k in kernels), default=0)} B "
+                f"| {entry['forward']['kernels_us'] + entry['backward']['kernels_us']:.0f} "
+                f"| {entry['layer_us']:.0f} | {entry['conv']['total_us']:.0f} "
+                f"| {entry['ratio_to_conv']:.2f} "
+                f"| {'met' if entry['ratio_to_conv'] <= limit else 'not met'} (<= {limit}) |")
+        if legacy:
+            lines += ['', 'Legacy: the recorded figures of the kernels before the redesign '
+                      f"(commit {(legacy.get('kernel_source') or {}).get('commit', '?')}, "
+                      '`docs/benchmarks/gpu_cost_model-legacy.json`).']
+        lines += ['', f'Kernels at {", ".join("C=%d %dx%d" % s for s in detail_shapes)} '
+                  f'(sm_{arch}):', '',
+                  '| shape | kernel | warps | regs | spills | shared KB | tensor-core instr '
+                  '| widest load | cp.async / TMA | barriers | loops | warp instr / pixel '
+                  '| bytes / pixel | predicted us (bound) |',
+                  '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- '
+                  '| ---: | ---: | --- |']
+        for row in rows:
+            if (row['channels'], row['height'], row['width']) not in detail_shapes:
+                continue
+            for k in row['archs'].get(arch, {}).get('kernels', []):
+                lines.append(
+                    f"| {row['height']}x{row['width']} | {k['phase']} `{k['kernel']}` "
+                    f"| {k['num_warps']} | {k['registers']} | {k['spill_bytes']} B "
+                    f"| {k['shared_bytes'] / 1024:.0f} | {k['tensor_core_instructions']} "
+                    f"| {k['widest_load']}-bit | {k['cp_async']} / {k['tma']} "
+                    f"| {k['barriers_static']} "
+                    f"| {'resolved' if k['loops_resolved'] else 'UNRESOLVED'} "
+                    f"| {k['warp_instructions_per_pixel']:,.0f} "
+                    f"| {k['compulsory_bytes_per_pixel']:,.0f} "
+                    f"| {k['predicted_us']:.0f} ({k['bound']}) |")
+        lines += ['', f'Targets (issue 19) on sm_{arch}:', '']
+        for t in check_targets(rows, legacy, arch):
+            lines.append(f"- **{'met' if t['met'] else 'not met'}**: {t['target']} "
+                         f"({t['detail']})")
+        lines.append('')
+    return '\n'.join(lines)
+
+
 def plot(rows: List[dict], legacy: Optional[dict], path: str, arch: int = 90) -> bool:
     try:
         import matplotlib
@@ -1134,6 +1212,7 @@ def main(argv=None) -> int:
     parser.add_argument('--batch', type=int, default=BATCH)
     parser.add_argument('--json', help='write the rows as JSON to this file')
     parser.add_argument('--png', help='bar chart of predicted layer vs conv time (sm_90)')
+    parser.add_argument('--markdown', help='write the tables and targets as Markdown here')
     parser.add_argument('--dump', metavar='DIR', help='write the SASS of each kernel variant here')
     parser.add_argument('--legacy', default=osp.join(ROOT, 'docs', 'benchmarks',
                                                      'gpu_cost_model-legacy.json'),
@@ -1201,6 +1280,10 @@ def main(argv=None) -> int:
                                  heads=HEADS, window=WINDOW, dtype='bfloat16'),
                 targets={str(a): t for a, t in targets.items()}, rows=rows), f, indent=1)
         print(f'wrote {args.json}')
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write(markdown_report(rows, args.arch, legacy))
+        print(f'wrote {args.markdown}')
     if args.png and plot(rows, legacy, args.png, arch=90 if 90 in args.arch else args.arch[0]):
         print(f'wrote {args.png}')
     return 1 if errors else 0
