@@ -162,6 +162,13 @@ def test_sass_counts_weighted_by_nested_trip_counts():
     assert stats['ld_bytes'] == 32 * (16 * 3 + 2 * 24)
 
 
+def test_tensor_core_flops_per_warp_instruction():
+    assert model.mma_flops('HMMA.16816.F32.BF16') == 2 * 16 * 8 * 16
+    assert model.mma_flops('HMMA.1688.F32.TF32') == 2 * (2 * 16 * 8 * 8)  # half rate
+    assert model.mma_flops('HGMMA.64x32x16.F32.BF16') == 2 * 64 * 32 * 16 // 4
+    assert model.mma_flops('FFMA') == 0
+
+
 def test_unknown_trip_count_is_reported_not_guessed():
     stats = model.analyse_sass(SASS, TTGIR, dict(KH=3))  # KW unknown
     assert not stats['loops_resolved']
@@ -243,7 +250,8 @@ def test_layer_kernels_compile_for_sm90_without_spills(tmp_path):
 @needs_ptxas
 def test_cost_model_table_json_and_sass(tmp_path):
     proc = _tool('gpu_cost_model.py', '--arch', '90', '--shapes', '128,12,16', '--batch', '2',
-                 '--json', str(tmp_path / 'model.json'), '--dump', str(tmp_path / 'sass'))
+                 '--json', str(tmp_path / 'model.json'), '--dump', str(tmp_path / 'sass'),
+                 '--markdown', str(tmp_path / 'table.md'))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / 'model.json').read_text())
     assert [(r['height'], r['width']) for r in result['rows']] == [(12, 16), (12, 20)]
@@ -261,6 +269,8 @@ def test_cost_model_table_json_and_sass(tmp_path):
     assert len(dumped) == len({k['variant'] for r in result['rows']
                                for k in r['archs']['90']['kernels']})
     assert all(name.startswith('sm90_') and name.endswith('.sass') for name in dumped)
+    table = (tmp_path / 'table.md').read_text()
+    assert '| C128 (128, 12 x 16) | 16 |' in table and 'Targets (issue 19) on sm_90' in table
 
 
 def _benchmark_module():

@@ -625,17 +625,20 @@ def load_bytes(op: str) -> int:
 
 
 def mma_flops(op: str) -> int:
-    """Floating-point operations of one warp's tensor-core instruction."""
+    """Floating-point operations of one warp's tensor-core instruction, in
+    16-bit-equivalents: a TF32 product counts twice (tensor cores run TF32
+    at half their bf16/fp16 rate)."""
+    rate = 2 if '.TF32' in op else 1
     match = re.search(r'HGMMA\.(\d+)x(\d+)x(\d+)', op)
     if match:  # a warpgroup's instruction, issued by each of its 4 warps
         m, n, k = (int(g) for g in match.groups())
-        return 2 * m * n * k // 4
+        return rate * 2 * m * n * k // 4
     match = re.search(r'[HI]MMA\.(\d+)(\d)(\d+)', op)
     if match:  # e.g. HMMA.16816: m16 n8 k16
         digits = match.group(0).split('.')[1]
         shape = {'16816': (16, 8, 16), '1688': (16, 8, 8), '884': (8, 8, 4)}.get(digits)
         if shape:
-            return 2 * shape[0] * shape[1] * shape[2]
+            return rate * 2 * shape[0] * shape[1] * shape[2]
     return 0
 
 
@@ -1016,18 +1019,19 @@ def markdown_report(rows: List[dict], archs, legacy: Optional[dict],
                       '`docs/benchmarks/gpu_cost_model-legacy.json`).']
         lines += ['', f'Kernels at {", ".join("C=%d %dx%d" % s for s in detail_shapes)} '
                   f'(sm_{arch}):', '',
-                  '| shape | kernel | warps | regs | spills | shared KB | tensor-core instr '
-                  '| widest load | cp.async / TMA | barriers | loops | warp instr / pixel '
-                  '| bytes / pixel | predicted us (bound) |',
-                  '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- '
-                  '| ---: | ---: | --- |']
+                  '| shape | kernel | warps | programs / SM | regs | spills | shared KB '
+                  '| tensor-core instr | widest load | cp.async / TMA | barriers | loops '
+                  '| warp instr / pixel | bytes / pixel | predicted us (bound) |',
+                  '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: '
+                  '| --- | ---: | ---: | --- |']
         for row in rows:
             if (row['channels'], row['height'], row['width']) not in detail_shapes:
                 continue
             for k in row['archs'].get(arch, {}).get('kernels', []):
                 lines.append(
                     f"| {row['height']}x{row['width']} | {k['phase']} `{k['kernel']}` "
-                    f"| {k['num_warps']} | {k['registers']} | {k['spill_bytes']} B "
+                    f"| {k['num_warps']} | {k['programs_per_sm']} | {k['registers']} "
+                    f"| {k['spill_bytes']} B "
                     f"| {k['shared_bytes'] / 1024:.0f} | {k['tensor_core_instructions']} "
                     f"| {k['widest_load']}-bit | {k['cp_async']} / {k['tma']} "
                     f"| {k['barriers_static']} "
@@ -1273,8 +1277,8 @@ def main(argv=None) -> int:
         with open(args.json, 'w') as f:
             json.dump(dict(
                 triton=triton.__version__, kernel_source=kernel_source(package),
-                source=osp.relpath(osp.dirname(package.__file__), ROOT)
-                if args.source_root is None else args.source_root,
+                source='this checkout' if args.source_root is None else
+                f"checkout of commit {kernel_source(package)['commit']}",
                 assumptions=dict(gpus=GPUS, gemm_efficiency=GEMM_EFFICIENCY,
                                  dram_efficiency=DRAM_EFFICIENCY, batch=args.batch,
                                  heads=HEADS, window=WINDOW, dtype='bfloat16'),
