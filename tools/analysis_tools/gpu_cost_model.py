@@ -1,7 +1,10 @@
 """Static GPU cost model of the Triton attention kernels, without a GPU.
 
     python tools/analysis_tools/gpu_cost_model.py [--arch 90 80] [--json FILE]
-        [--png FILE] [--dump DIR] [--legacy FILE] [--shapes C,H,W ...]
+        [--png FILE] [--markdown FILE] [--dump DIR] [--legacy FILE]
+        [--shapes C,H,W ...] [--source-root CHECKOUT]
+    python tools/analysis_tools/gpu_cost_model.py --calibrate BENCHMARK_JSON ...
+        [--model-json FILE] [--out DIR]    # tools/gpu_check.sh's measurements beside it
 
 For every layer shape of a SASA ResNet-50 / FPN / RetinaNet head at a
 640x640 batch of 8 (``SHAPES``; each also with its width changed so that
@@ -25,8 +28,9 @@ For every layer shape of a SASA ResNet-50 / FPN / RetinaNet head at a
    kernel variant: registers, spills, shared memory, tensor-core
    instructions (HMMA/HGMMA), global load widths, cp.async (LDGSTS) and TMA
    use, barriers, and warp instructions, weighted by loop trip counts;
-4. predicts each kernel's time as max(issue-bound, tensor-core-bound,
-   DRAM-bound) on the target (``GPUS``), adds the layer's 1x1 projection
+4. predicts each kernel's time as max(issue-bound under perfect issue,
+   tensor-core-bound, DRAM-bound, ``KERNEL_FLOOR_US``) on the target
+   (``GPUS``): a lower bound; adds the layer's 1x1 projection
    (a GEMM) and the eager PyTorch work the backend does around its kernels,
    and puts the layer, forward + backward, beside a modelled cuDNN 3x3
    convolution of the same shape.
@@ -43,8 +47,9 @@ int arguments and the constants of the IR (averaged over the grid's
 programs when they depend on the program id). An instruction counts
 once per iteration of every loop around it. Conditional code is counted as
 if executed (an upper bound: e.g. the masked-off tail of a border tile);
-a loop whose bounds depend on the program id (or that cannot be matched)
-counts its body once and is reported as unresolved. Warp instructions per
+a loop that cannot be matched, or whose bounds cannot be evaluated (they
+depend on an enclosing loop's variable, or on loaded data), counts its
+body once and is reported as unresolved. Warp instructions per
 output pixel = per-warp count x warps x programs / (batch x H x W); all
 heads are included.
 
@@ -322,16 +327,23 @@ def layer_launches(package, channels: int, height: int, width: int, heads: int =
                    archs=(90, ), layer_options: Optional[dict] = None):
     """Every Triton launch of one forward and backward pass of the layer.
 
-    Returns ``(records, eager)``, eager: ``{phase: {bytes, ops}}`` of the
-    PyTorch ops the backend runs around its kernels. The layer runs on CPU tensors (the
-    backend's check that refuses CPU tensors outside the interpreter is
-    lifted for the call; nothing executes on them but the projection and
-    the backend's own PyTorch ops).
+    The layer runs on CPU tensors: the operator's check that refuses them
+    outside the interpreter is lifted for the call, and nothing executes on
+    them but the projection and the backend's own PyTorch ops.
+
+    Returns:
+        tuple: ``(records, eager)``: one record per launch (kernel, phase,
+        grid, arguments, its specialisation per arch) and ``{phase: {bytes,
+        ops}}`` of the PyTorch ops the backend runs around its kernels.
+
+    Example:
+        >>> records, _ = layer_launches(import_package(None), 128, 12, 16, batch=2)
+        >>> sorted({r['phase'] for r in records})
+        ['backward', 'forward']
     """
     import torch
     ops = importlib.import_module(package.__name__ + '.layers.local_attention_ops')
-    backend = ops.triton_backend() if hasattr(ops, 'triton_backend') else importlib.import_module(
-        package.__name__ + '.layers.backends.triton')
+    backend = importlib.import_module(package.__name__ + '.layers.backends.triton')
     layer = package.layers.LocalSelfAttention2d(channels, channels, 3, padding=1,
                                                 window_size=window, num_heads=heads,
                                                 impl='triton', **(layer_options or {}))
@@ -345,9 +357,9 @@ def layer_launches(package, channels: int, height: int, width: int, heads: int =
         return resolve(impl, device, *args, **kwargs)
 
     ops.resolve_backend = resolve_on_cpu
+    autocast = torch.autocast('cpu', dtype=getattr(torch, dtype), enabled=dtype != 'float32')
     try:
-        with recorder.active('forward'), torch.autocast('cpu', dtype=getattr(torch, dtype),
-                                               enabled=dtype != 'float32'):
+        with recorder.active('forward'), autocast:
             out = layer(x)
         with recorder.active('backward'):
             out.float().sum().backward()
