@@ -160,6 +160,8 @@ def test_sass_counts_weighted_by_nested_trip_counts():
     assert stats['ldg'] == {'128-bit': 1, '16-bit': 1} and stats['stg'] == {'64-bit': 1}
     assert stats['barriers'] == 24 and stats['barriers_static'] == 1
     assert stats['ld_bytes'] == 32 * (16 * 3 + 2 * 24)
+    assert stats['mix'] == {'integer and other': 1, 'global memory': 3 + 24 + 1,
+                            'tensor core': 3, 'sync and control': 24 + 3 + 24 + 1}
 
 
 def test_tensor_core_flops_per_warp_instruction():

@@ -654,6 +654,29 @@ def mma_flops(op: str) -> int:
     return 0
 
 
+# Instruction classes, by opcode prefix (first match wins).
+INSTRUCTION_CLASSES = (
+    ('tensor core', ('HGMMA', 'HMMA', 'IMMA', 'WARPGROUP')),
+    ('global memory', ('LDG', 'STG', 'RED', 'ATOM', 'UTMA', 'UBLKCP')),
+    ('shared memory', ('LDS', 'STS', 'LDSM', 'STSM')),
+    ('spill', ('LDL', 'STL')),
+    ('float', ('FADD', 'FMUL', 'FFMA', 'FSETP', 'FSEL', 'FMNMX', 'MUFU', 'F2F', 'F2FP',
+               'FCHK', 'HADD2', 'HMUL2', 'HFMA2', 'HMNMX2', 'FSWZADD')),
+    ('shuffle', ('SHFL', )),
+    ('sync and control', ('BAR', 'MEMBAR', 'FENCE', 'WARPSYNC', 'SYNCS', 'DEPBAR', 'BRA',
+                          'EXIT', 'BSSY', 'BSYNC', 'ERRBAR', 'CCTL', 'YIELD')),
+)
+
+
+def instruction_class(op: str) -> str:
+    """'tensor core', 'global memory', ..., or 'integer and other' (address
+    arithmetic, masks, selects, moves, conversions, uniform datapath)."""
+    for name, prefixes in INSTRUCTION_CLASSES:
+        if op.startswith(prefixes):
+            return name
+    return 'integer and other'
+
+
 def analyse_sass(sass: str, ttgir: str, values: Dict[str, object], grid=(1, 1, 1)) -> dict:
     """Instruction counts of one kernel, static and weighted by trip counts
     (per warp and program)."""
@@ -672,7 +695,7 @@ def analyse_sass(sass: str, ttgir: str, values: Dict[str, object], grid=(1, 1, 1
     walk(roots, 1)
     stats = dict(static=0, weighted=0.0, mma=0.0, mma_flops=0.0, mma_static=0, ldg={}, stg={},
                  ld_bytes=0.0, st_bytes=0.0, cp_async=0, tma=0, barriers=0.0,
-                 barriers_static=0, spill_ops=0, shared_ops=0.0)
+                 barriers_static=0, spill_ops=0, shared_ops=0.0, mix={})
     for ins in instructions:
         op = ins['op']
         if op == 'NOP' or (op.startswith('BRA') and ins['operands'].startswith(hex(ins['addr']))):
@@ -683,6 +706,8 @@ def analyse_sass(sass: str, ttgir: str, values: Dict[str, object], grid=(1, 1, 1
                 weight = max(weight, factor)
         stats['static'] += 1
         stats['weighted'] += weight
+        kind = instruction_class(op)
+        stats['mix'][kind] = stats['mix'].get(kind, 0) + weight
         if re.match(r'(HGMMA|HMMA|IMMA|WGMMA)', op):
             stats['mma'] += weight
             stats['mma_static'] += 1
@@ -759,6 +784,8 @@ def kernel_cost(record: dict, arch: int, compiled: dict, pixels: int) -> dict:
         programs_per_sm=resident, static_instructions=stats['static'],
         loops=stats['loops'], loops_resolved=stats['loops_resolved'],
         warp_instructions_per_pixel=warp_instructions / pixels,
+        mix_per_pixel={kind: count * warps * programs / pixels
+                       for kind, count in stats['mix'].items()},
         tensor_core_instructions=stats['mma_static'],
         tensor_core_per_pixel=mma_per_pixel,
         global_loads=stats['ldg'], global_stores=stats['stg'],
@@ -1051,6 +1078,18 @@ def markdown_report(rows: List[dict], archs, legacy: Optional[dict],
                     f"| {k['warp_instructions_per_pixel']:,.0f} "
                     f"| {k['compulsory_bytes_per_pixel']:,.0f} "
                     f"| {k['predicted_us']:.0f} ({k['bound']}) |")
+        kinds = ['tensor core', 'float', 'integer and other', 'global memory', 'shared memory',
+                 'spill', 'shuffle', 'sync and control']
+        lines += ['', f'Where the warp instructions per pixel go (sm_{arch}):', '',
+                  '| shape | kernel | ' + ' | '.join(kinds) + ' |',
+                  '| --- | --- |' + ' ---: |' * len(kinds)]
+        for row in rows:
+            if (row['channels'], row['height'], row['width']) not in detail_shapes:
+                continue
+            for k in row['archs'].get(arch, {}).get('kernels', []):
+                mix = k.get('mix_per_pixel', {})
+                lines.append(f"| {row['height']}x{row['width']} | `{k['kernel']}` | "
+                             + ' | '.join(f"{mix.get(kind, 0):,.0f}" for kind in kinds) + ' |')
         lines += ['', f'Targets (issue 19) on sm_{arch}:', '']
         for t in check_targets(rows, legacy, arch):
             lines.append(f"- **{'met' if t['met'] else 'not met'}**: {t['target']} "
