@@ -8,8 +8,8 @@ not exist; they are not zeros), the softmax in float32.
 Tiles and halo. A program owns a ``TILE_H x TILE_W`` (8 x 8) tile of pixels
 of one image and head. The keys its queries' windows cover form the halo,
 ``(8 + kh - 1) x (8 + kw - 1)`` pixels, which the program walks in blocks of
-``BLOCK_H x 16`` keys (``BLOCK_H`` 8 rows at head widths up to 16, 4 at 32,
-2 at 64, 1 at 128: :func:`block_config`), with an online softmax across
+``BLOCK_H x 16`` keys (``BLOCK_H`` 4 rows at head widths up to 32, 2 at
+64, 1 at 128: :func:`block_config`), with an online softmax across
 the blocks. Per block it loads K and V once and runs ``S = Q @ K_block^T``
 and ``O += P @ V_block`` as ``tl.dot`` on tensor cores (head widths padded
 to at least 16); each query is masked to its own window and the image. The
@@ -21,58 +21,72 @@ subsampled grid, at the same cost. Four warps per program, one stage.
 
 The q.r term and the mask. ``A = Q @ RowT`` and ``B = Q @ ColT``
 (``RowT[d, t] = rel_row[t, n, d]`` on the row part of the channels,
-``ColT`` on the column part; one small product each, per tile) give every
-query's term for every tap row and tap column. Per block, a ``tl.gather``
-places them on the block's rows and columns (``(queries, 16)`` each, -1e30
-where the row or column is outside the query's window or the image), and
-two products with one-hot matrices spread them over the block's keys: no
-per-pixel map of relative positions, and the mask costs no per-key
-comparisons. These small products, and every product with a float32
-operand, use ``input_precision='tf32x3'`` (tensor cores, float32 accuracy).
+``ColT`` on the column part; per tile) give every query's term for every
+tap row and tap column. A ``tl.gather`` places them on the rows and columns
+of the tile's halo, ``(queries, 16)`` each, with -1e30 where the row or
+column is outside the query's window or the image; per halo block, two
+products with one-hot matrices spread them over the block's keys. So no
+per-pixel map of relative positions is built, and the mask costs no
+per-key comparisons. A masked key's logit is below -1e30: its weight is
+exactly 0.
 
 Backward, like FlashAttention-2's, recomputing ``P`` from the stored
-log-sum-exp:
+log-sum-exp, in three kernels launched one after the other:
 
-- the query kernel (dQ owned by query tiles) first walks its halo to get
-  ``delta_i = sum_j P_ij dP_ij`` (which equals ``dout_i . out_i``, so the
-  forward's output is never needed and never saved), stores it, then walks
-  it again for ``dQ = dS @ K + dA @ RowT^T + dB @ ColT^T``, where ``dA``
-  and ``dB`` are ``dS`` summed per tap row and column. Its tables' gradient
-  ``Q^T @ [dA | dB]`` it accumulates over a column of tiles, and writes one
-  ``(D, 2 x taps)`` partial sum per program, reduced afterwards by
-  ``torch.sum`` in a fixed order (a few MB, not O(D^2) per pixel);
-- the key kernel (dK and dV owned by key tiles) visits the queries whose
-  windows cover its keys (the same halo, seen from the key side):
-  ``dV = P^T @ dO``, ``dK = dS^T @ Q``.
+- query kernel (owns query tiles): walks the halo once for ``delta_i =
+  sum_j P_ij dP_ij`` (which equals ``dout_i . out_i``: the forward's output
+  is never needed, so never saved) and stores it, then again for the q.k
+  share of ``dQ = dS @ K``, ``dS = P (dP - delta)``;
+- tables kernel (owns query tiles, a column of them per program; only with
+  tables): walks the halo for ``dS`` summed per halo row and column (one-hot
+  products), shifts those to each query's taps (``dA``, ``dB``), adds
+  ``dA @ RowT^T + dB @ ColT^T`` to the query kernel's dQ, and accumulates
+  ``Q^T @ [dA | dB]`` into one ``(D, 2 x taps)`` partial sum per program,
+  which ``torch.sum`` reduces in a fixed order (a few MB; not O(D^2) per
+  pixel);
+- key kernel (owns key tiles): visits the queries whose windows cover its
+  keys (the same halo, seen from the key side): ``dV = P^T @ dO``, ``dK =
+  dS^T @ Q``.
 
 No reduction uses atomics: the gradients are bit-reproducible run to run.
+The relative tables' work is a kernel of its own because, fused into the
+query kernel, it spilled registers.
 
 Precision. Half-precision inputs enter ``tl.dot`` as they are (P and dS are
-rounded to the input dtype for their products, as FlashAttention's are);
-float32 inputs use ``tf32x3``. Loads inside the halo loops are not masked
-(addresses clamped to the image, channels to the head width): what they
-read outside is masked out of the softmax or meets the other operand's
-zero channels.
+rounded to the input dtype for their products, as FlashAttention's are).
+Products with a float32 operand split it into high and low parts: the
+one-hot products into two tf32 products (exact one-hot, about 2^-21 of the
+terms), products with the tables into half-precision (or bfloat16) parts,
+float32 inputs into three tf32 products (``_dot_f32``: ``tf32x3``'s
+accuracy in fewer registers than Triton's lowering of it). In half
+precision the tables kernel adds its share to a dQ already rounded to the
+input dtype (one more rounding). Loads inside the halo loops are not
+masked (addresses clamped to the image, channels to the head width): what
+they read outside is masked out of the softmax or meets the other
+operand's zero channels.
 
 Head widths: D and Dv up to 128 (:data:`MAX_HEAD_DIM`; larger ones are
 refused). Window and dilation any size, as runtime arguments (a window
 wider than 16 taps compiles a wider tap table). Map sizes and strides are
 not specialised (``do_not_specialize``), so one compile serves every
 feature-map size: the compiles per run are the (dtype, padded head width,
-logit terms) combinations the model uses, times three kernels.
+window size class, logit terms) combinations the model uses, times four
+kernels (three without tables).
 
 What is not fast: every element is loaded on its own address (the rows of
 the planar ``(B, N, D, H, W)`` layout the projection writes are not
 aligned, so nothing is vectorised, and no ``cp.async``/TMA); the halo of a
 3 x 3 window wastes most of its products; the halo blocks are not
 software-pipelined; the kernels use up to 255 registers (two programs per
-SM) and the backward kernels spill at some head widths
-(tools/analysis/check_triton_kernels.py reports which).
+SM); the tables kernel spills registers at head widths 64 and 128, and
+on sm_80 more kernels do (tools/analysis/check_triton_kernels.py reports
+which); the key kernel runs mma.sync (HMMA), not wgmma, at head widths 64
+and 128 (its query blocks are then under 64 rows).
 
 ``TRITON_INTERPRET=1`` set before import runs the kernels on CPU tensors.
 The interpreter computes ``tl.dot`` on bfloat16 wrongly (Triton 3.8), so
-under it bfloat16 operands are upcast to float32 before each product (the
-rounding of P and dS to bfloat16 is kept); GPUs multiply bfloat16 directly.
+under it every product's operands are upcast to float32 first (their
+rounding to bfloat16 or float16 is kept); GPUs multiply them directly.
 """
 import contextlib
 import os
@@ -94,7 +108,6 @@ LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
 # tables' partial sums stay at most about this many per image and head.
 MAX_TABLE_PARTIALS = 4096
 INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
-LOG2E = 1.4426950408889634
 
 # Map sizes and strides change with every feature map: one compile for all.
 _RUNTIME_INTS = ['H', 'W', 'N', 'D', 'DV', 'DR', 'KH', 'KW', 'DH', 'DW', 'tile_rows',
@@ -114,10 +127,11 @@ def block_config(head_dim: int, value_dim: int, window=(7, 7)) -> dict:
     smallest ``tl.dot`` operand), taps likewise."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_dv = max(16, triton.next_power_of_2(value_dim))
-    block_h = max(1, min(TILE_H, HALO_ELEMENTS // (BLOCK_W * max(block_d, block_dv))))
+    block_h = max(1, min(4, HALO_ELEMENTS // (BLOCK_W * max(block_d, block_dv))))
     return dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_H=block_h, BLOCK_W=BLOCK_W,
                 BLOCK_D=block_d, BLOCK_DV=block_dv,
-                BLOCK_T=max(16, triton.next_power_of_2(max(window))))
+                BLOCK_T=max(16, triton.next_power_of_2(max(window))),
+                BLOCK_HALO=max(16, triton.next_power_of_2(max(TILE_H, TILE_W) + max(window) - 1)))
 
 
 # ---------------------------------------------------------------------------
@@ -126,14 +140,44 @@ def block_config(head_dim: int, value_dim: int, window=(7, 7)) -> dict:
 
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
-    """``a @ b`` with a float32 accumulator; float32 operands at float32
-    accuracy (3 tf32 products); ``UPCAST`` for the interpreter's bfloat16."""
+    """``a @ b`` with a float32 accumulator: half-precision operands as they
+    are, float32 ones to float32 accuracy (:func:`_dot_f32`); ``UPCAST``
+    under the interpreter, whose bfloat16 products are wrong."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     elif a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision='tf32x3')
+        return _dot_f32(a, b)
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _tf32_high(a):
+    """``a`` cut to tf32's 10-bit mantissa (exact in a tf32 product)."""
+    return (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_f32(a, b):
+    """``a @ b`` of float32 operands to about float32 accuracy, as three tf32
+    products of their high and low parts (what ``tf32x3`` does, in fewer
+    registers than Triton's lowering of it)."""
+    a_high = _tf32_high(a)
+    b_high = _tf32_high(b)
+    return (tl.dot(a_high, b_high, input_precision='tf32')
+            + tl.dot(a_high, b - b_high, input_precision='tf32')
+            + tl.dot(a - a_high, b_high, input_precision='tf32'))
+
+
+@triton.jit
+def _dot_one_hot(a, one_hot):
+    """``a @ one_hot`` for float32 ``a`` and a 0/1 matrix, to about 2^-21 of
+    ``a``: two tf32 products, of ``a`` cut to tf32 (exact) and of the rest
+    (cheaper in registers and instructions than ``tf32x3``, which also
+    splits the exact one-hot operand)."""
+    high = _tf32_high(a)
+    return (tl.dot(high, one_hot, input_precision='tf32')
+            + tl.dot(a - high, one_hot, input_precision='tf32'))
 
 
 @triton.jit
@@ -194,12 +238,18 @@ def _store(base, tile, y, x, ok, channels, C, sc, sh):
 
 
 @triton.jit
-def _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+def _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+            TRANSPOSE: tl.constexpr = False):
     """``RowT, ColT`` ``(BLOCK_D, BLOCK_T)`` float32 of head n: ``RowT[d, t] =
     rel_row[t, n, d]`` for the row channels ``d < DR``, ``ColT[d, t] =
-    rel_col[t, n, d - DR]`` for the column channels; zeros elsewhere."""
-    d = tl.arange(0, BLOCK_D)[:, None]
-    t = tl.arange(0, BLOCK_T)[None, :]
+    rel_col[t, n, d - DR]`` for the column channels; zeros elsewhere.
+    ``(BLOCK_T, BLOCK_D)`` with ``TRANSPOSE``."""
+    if TRANSPOSE:
+        d = tl.arange(0, BLOCK_D)[None, :]
+        t = tl.arange(0, BLOCK_T)[:, None]
+    else:
+        d = tl.arange(0, BLOCK_D)[:, None]
+        t = tl.arange(0, BLOCK_T)[None, :]
     row = tl.load(RR + (t * N + n) * DR + d, mask=(d < DR) & (t < KH), other=0.0)
     col = tl.load(RC + (t * N + n) * (D - DR) + (d - DR), mask=(d >= DR) & (d < D) & (t < KW),
                   other=0.0)
@@ -207,42 +257,64 @@ def _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D: tl.constexpr, BLOCK_T: tl.cons
 
 
 @triton.jit
-def _relative_terms(q, row_table, col_table):
-    """``(A, B)``: each query's q.r terms per tap row and per tap column."""
-    q32 = q.to(tl.float32)
-    return (tl.dot(q32, row_table, input_precision='tf32x3'),
-            tl.dot(q32, col_table, input_precision='tf32x3'))
+def _dot_exact_by_f32(x, b, UPCAST: tl.constexpr):
+    """``x @ b`` for ``x`` exact in its dtype and float32 ``b``: float32
+    ``x`` by :func:`_dot_f32`, half-precision ``x`` by two half-precision
+    products, with the high and low parts of ``b`` (16 or more bits)."""
+    if x.dtype == tl.float32:
+        return _dot_f32(x, b)
+    else:
+        high = b.to(x.dtype)
+        return _dot(x, high, UPCAST) + _dot(x, (b - high.to(tl.float32)).to(x.dtype), UPCAST)
 
 
 @triton.jit
-def _one_hot(ROWS: tl.constexpr, COLS: tl.constexpr, BY_ROW: tl.constexpr,
-             TRANSPOSE: tl.constexpr):
-    """``(16, ROWS * COLS)`` float32: 1 where the block's pixel (flattened
-    index) lies on block row (``BY_ROW``) or column i; ``(ROWS * COLS, 16)``
-    with ``TRANSPOSE``."""
+def _dot_f32_by_bf16(a, b, UPCAST: tl.constexpr):
+    """``a @ b`` of float32 operands to about 2^-16, as three bfloat16
+    products of their high and low parts (bfloat16: float32's range)."""
+    a_high = a.to(tl.bfloat16)
+    b_high = b.to(tl.bfloat16)
+    a_low = (a - a_high.to(tl.float32)).to(tl.bfloat16)
+    b_low = (b - b_high.to(tl.float32)).to(tl.bfloat16)
+    return _dot(a_high, b_high, UPCAST) + _dot(a_high, b_low, UPCAST) + _dot(a_low, b_high,
+                                                                               UPCAST)
+
+
+@triton.jit
+def _relative_terms(q, row_table, col_table, UPCAST: tl.constexpr):
+    """``(A, B)``: each query's q.r terms per tap row and per tap column."""
+    return _dot_exact_by_f32(q, row_table, UPCAST), _dot_exact_by_f32(q, col_table, UPCAST)
+
+
+@triton.jit
+def _one_hot(first, LINES: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+             BY_ROW: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """``(LINES, ROWS * COLS)`` float32: 1 where the block's pixel (flattened
+    index j) lies on line ``first + j // COLS`` (``BY_ROW``) or ``first + j %
+    COLS``; ``(ROWS * COLS, LINES)`` with ``TRANSPOSE``."""
     if TRANSPOSE:
         j = tl.arange(0, ROWS * COLS)[:, None]
-        i = tl.arange(0, 16)[None, :]
+        i = tl.arange(0, LINES)[None, :]
     else:
-        i = tl.arange(0, 16)[:, None]
+        i = tl.arange(0, LINES)[:, None]
         j = tl.arange(0, ROWS * COLS)[None, :]
     if BY_ROW:
-        return tl.where(j // COLS == i, 1.0, 0.0)
+        return tl.where(first + j // COLS == i, 1.0, 0.0)
     else:
-        return tl.where(j % COLS == i, 1.0, 0.0)
+        return tl.where(first + j % COLS == i, 1.0, 0.0)
 
 
 @triton.jit
-def _shifted(terms, first, q_first, q_ok, r, extent, dilation, LINES: tl.constexpr, TAPS,
-             HAS_REL: tl.constexpr, BLOCK_T: tl.constexpr):
-    """``(queries, 16)``: for each query, the term of each of the key
-    block's rows (columns) ``first + i``, i < LINES, from its per-tap terms
-    ``terms (queries, BLOCK_T)``; -1e30 where that line is outside the
+def _shifted(terms, first, q_first, q_ok, r, extent, dilation, lines, TAPS,
+             LINES: tl.constexpr, HAS_REL: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``(queries, LINES)``: each query's q.r term (from its per-tap terms
+    ``terms (queries, BLOCK_T)``) for the sub-lattice rows (columns)
+    ``first + i``, i < ``lines``; -1e30 where that line is outside the
     query's window, outside the image (residue ``r``, ``extent`` pixels,
     ``dilation``), or the query is not in the image (``q_ok``)."""
-    i = tl.arange(0, 16)
+    i = tl.arange(0, LINES)
     line = first + i
-    line_ok = (i < LINES) & (line >= 0) & (r + line * dilation < extent)
+    line_ok = (i < lines) & (line >= 0) & (r + line * dilation < extent)
     tap = line[None, :] - q_first[:, None] + (TAPS - 1) // 2
     ok = (tap >= 0) & (tap < TAPS) & line_ok[None, :] & q_ok[:, None]
     if HAS_REL:
@@ -253,40 +325,52 @@ def _shifted(terms, first, q_first, q_ok, r, extent, dilation, LINES: tl.constex
 
 
 @triton.jit
-def _logits(q, kT, a_row, b_col, qy, qx, q_ok, ky0, kx0, ry, rx, H, W, DH, DW, KH, KW,
-            ROWS: tl.constexpr, COLS: tl.constexpr, HAS_KEY: tl.constexpr,
-            HAS_REL: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Logits ``(queries, ROWS * COLS keys)`` in log2 units, of the queries
-    at sub-lattice ``(qy, qx)`` and the key block from ``(ky0, kx0)``.
-
-    ``q.k`` is one product. The q.r terms and the mask come in two more:
-    each query's per-tap terms placed on the block's rows and columns
-    (:func:`_shifted`, -1e30 outside its window or the image), spread over
-    the block's keys by one-hot matrices (float32 accuracy). A masked key
-    gets a logit below -1e30: its weight is exactly 0, as ``exp2`` of it
-    minus any finite maximum underflows."""
-    rows = _shifted(a_row, ky0, qy, q_ok, ry, H, DH, ROWS, KH, HAS_REL, BLOCK_T)
-    cols = _shifted(b_col, kx0, qx, q_ok, rx, W, DW, COLS, KW, HAS_REL, BLOCK_T)
-    s = tl.dot(rows, _one_hot(ROWS, COLS, True, False), input_precision='tf32x3')
-    s += tl.dot(cols, _one_hot(ROWS, COLS, False, False), input_precision='tf32x3')
+def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr,
+            HAS_KEY: tl.constexpr, UPCAST: tl.constexpr):
+    """Logits ``(queries, ROWS * COLS keys)`` in log2 units of a key block
+    whose rows (columns) are lines ``row0..`` (``col0..``) of ``rows``
+    (``cols``), the queries' q.r terms and mask per line
+    (:func:`_shifted`): ``q.k`` is one product, the q.r terms and the mask
+    two more with one-hot matrices (float32 accuracy). A masked key gets a
+    logit below -1e30: its weight is exactly 0 (``exp2`` of it minus any
+    finite maximum underflows)."""
+    LINES: tl.constexpr = rows.shape[1]
+    s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False))
+    s += _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False))
     if HAS_KEY:
         s += _dot(q, kT, UPCAST)
     return s * 1.4426950408889634
 
 
 @triton.jit
-def _taps_grad(ds, q_first, first, TAPS, BY_ROW: tl.constexpr, ROWS: tl.constexpr,
-               COLS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """``ds (queries, ROWS * COLS keys)`` summed per tap row (``BY_ROW``) or
-    tap column of each query, as ``(queries, BLOCK_T)``: summed over each
-    block row (column) by a one-hot product, then shifted to the query's
-    taps (``first``: the block's first row (column), ``q_first``: the
-    queries')."""
-    lines = tl.dot(ds, _one_hot(ROWS, COLS, BY_ROW, True), input_precision='tf32x3')
+def _per_tap(lines, q_first, first, TAPS, BLOCK_T: tl.constexpr):
+    """``(queries, BLOCK_T)``: ``lines (queries, L)``, sums over the halo's
+    lines ``first + i``, shifted to each query's taps (``q_first``: the
+    query's line)."""
     t = tl.arange(0, BLOCK_T)[None, :]
-    line = t + q_first[:, None] - (TAPS - 1) // 2 - first  # the block's line at tap t
-    inside = (line >= 0) & (line < 16) & (t < TAPS)
-    return tl.where(inside, tl.gather(lines, tl.minimum(tl.maximum(line, 0), 15), 1), 0.0)
+    line = t + q_first[:, None] - (TAPS - 1) // 2 - first
+    inside = (line >= 0) & (line < lines.shape[1]) & (t < TAPS)
+    return tl.where(inside, tl.gather(lines, tl.minimum(tl.maximum(line, 0),
+                                                        lines.shape[1] - 1), 1), 0.0)
+
+
+@triton.jit
+def _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W, DH, DW, KH, KW,
+                TILE_H: tl.constexpr, TILE_W: tl.constexpr, HAS_REL: tl.constexpr,
+                UPCAST: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
+    """The tile's q.r terms and mask on the rows and columns of its halo
+    (from ``top``, ``left``): ``(queries, BLOCK_HALO)`` each."""
+    a_row = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
+    b_col = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
+    if HAS_REL:
+        row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T)
+        a_row, b_col = _relative_terms(q, row_table, col_table, UPCAST)
+    rows = _shifted(a_row, top, qy, q_ok, ry, H, DH, TILE_H + KH - 1, KH, BLOCK_HALO, HAS_REL,
+                    BLOCK_T)
+    cols = _shifted(b_col, left, qx, q_ok, rx, W, DW, TILE_W + KW - 1, KW, BLOCK_HALO, HAS_REL,
+                    BLOCK_T)
+    return rows, cols
 
 
 @triton.jit
@@ -317,7 +401,8 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
                     HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
                     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_HALO: tl.constexpr):
     """Output and log-sum-exp (log2 units) of one tile of queries."""
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
@@ -327,11 +412,6 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, False, True)
-    a_row = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
-    b_col = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
-    if HAS_REL:
-        row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T)
-        a_row, b_col = _relative_terms(q, row_table, col_table)
     K += b * skb + n * skn
     V += b * svb + n * svn
     # A finite start: keys that do not exist (-inf) give exp2(-inf - m) = 0.
@@ -340,6 +420,9 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
     acc = tl.zeros([TILE_H * TILE_W, BLOCK_DV], tl.float32)
     top = sy0 - (KH - 1) // 2
     left = sx0 - (KW - 1) // 2
+    rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W,
+                             DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, UPCAST, BLOCK_D, BLOCK_T,
+                             BLOCK_HALO)
     for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
         hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
         ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
@@ -347,8 +430,7 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
         kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
         if HAS_KEY:
             kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
-        s = _logits(q, kT, a_row, b_col, qy, qx, q_ok, top + hy, left + hx, ry, rx, H, W, DH,
-                    DW, KH, KW, BLOCK_H, BLOCK_W, HAS_KEY, HAS_REL, UPCAST, BLOCK_T)
+        s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, UPCAST)
         v = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, False, False)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         scale = tl.exp2(m - m_new)
@@ -365,18 +447,88 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
 # Backward.
 
 
+@triton.jit
+def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``."""
+    s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, UPCAST)
+    return tl.exp2(s - lse[:, None]), _dot(dout, vT, UPCAST)
+
+
 @_jit
-def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
+def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
                            sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
                            sgb, sgn, sgc, sgh, sob, son, soc, soh,
-                           H, W, N, D, DV, DR, KH, KW, DH, DW, tile_rows,
+                           H, W, N, D, DV, DR, KH, KW, DH, DW,
                            HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
                            TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                           BLOCK_T: tl.constexpr):
-    """delta and dq of ``tile_rows`` tiles of queries (one above the other),
-    and their tables' gradient, ``DREL[program] = (BLOCK_D, 2 * BLOCK_T)``."""
+                           BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
+    """delta (stored) and the q.k share of dq of one tile of queries: two
+    walks over the halo, ``delta_i = sum_j P_ij dP_ij`` (= dout_i . out_i),
+    then ``dq = dS @ K`` with ``dS = P (dP - delta)``."""
+    bn = tl.program_id(1).to(tl.int64)
+    b = bn // N
+    n = bn % N
+    ry, rx, sy0, sx0, _ = _lattice_tile(tl.program_id(0), H, W, DH, DW, TILE_H, TILE_W)
+    qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, False, True)
+    dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, False, True)
+    lse = tl.load(LSE + (bn * H + y) * W + x, mask=q_ok, other=0.0)
+    K += b * skb + n * skn
+    V += b * svb + n * svn
+    top = sy0 - (KH - 1) // 2
+    left = sx0 - (KW - 1) // 2
+    rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W,
+                             DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, UPCAST, BLOCK_D,
+                             BLOCK_T, BLOCK_HALO)
+    delta = tl.zeros([TILE_H * TILE_W], tl.float32)
+    for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
+        hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+        ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                             BLOCK_H, BLOCK_W)
+        kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
+        if HAS_KEY:
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
+        vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
+        p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, UPCAST,
+                                BLOCK_H, BLOCK_W)
+        delta += tl.sum(p * dp, axis=1)
+    tl.store(DELTA + (bn * H + y) * W + x, delta, mask=q_ok)
+    dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    if HAS_KEY:
+        for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
+            hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+            ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                                 BLOCK_H, BLOCK_W)
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
+            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
+            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, UPCAST,
+                                    BLOCK_H, BLOCK_W)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(kT.dtype), tl.trans(kT), UPCAST)
+    _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh)
+
+
+@_jit
+def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
+                            sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
+                            sgb, sgn, sgc, sgh, sob, son, soc, soh,
+                            H, W, N, D, DV, DR, KH, KW, DH, DW, tile_rows,
+                            HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
+                            TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
+    """The relative tables' share of dq (added to DQ, which the query
+    kernel wrote for the same tiles) and their gradient, of ``tile_rows``
+    tiles of queries one above the other: dS summed per halo row and
+    column, shifted to each query's taps (``dA``, ``dB``), then
+    ``dq += dA @ RowT^T + dB @ ColT^T`` and ``DREL[program] += Q^T @ [dA |
+    dB]`` as ``(BLOCK_D, 2 * BLOCK_T)``."""
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
     n = bn % N
@@ -391,27 +543,29 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
     first_tile = lattice * tiles_h * tiles_w + chunk * tile_rows * tiles_w + pid % tiles_w
     K += b * skb + n * skn
     V += b * svb + n * svn
-    row_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
-    col_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
-    if HAS_REL:
-        row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T)
-    grad_row_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
-    grad_col_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
+    # This program's partial sums of the tables' gradient, kept in memory
+    # between tiles (not in registers): (BLOCK_D, 2 * BLOCK_T).
+    t = tl.arange(0, BLOCK_T)[None, :]
+    partial = (DREL + (bn * tl.num_programs(0) + pid) * BLOCK_D * 2 * BLOCK_T
+               + d[:, None] * 2 * BLOCK_T + t)
+    tl.store(partial, tl.zeros([BLOCK_D, BLOCK_T], tl.float32))
+    tl.store(partial + BLOCK_T, tl.zeros([BLOCK_D, BLOCK_T], tl.float32))
     for r in range(0, tl.minimum(tile_rows, tiles_h - chunk * tile_rows)):
         ry, rx, sy0, sx0, _ = _lattice_tile(first_tile + r * tiles_w, H, W, DH, DW,
                                             TILE_H, TILE_W)
         qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
         q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, False, True)
         dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, False, True)
-        lse = tl.load(LSE + (bn * H + y) * W + x, mask=q_ok, other=0.0)
-        a_row = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
-        b_col = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
-        if HAS_REL:
-            a_row, b_col = _relative_terms(q, row_table, col_table)
+        pixel = (bn * H + y) * W + x
+        lse = tl.load(LSE + pixel, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + pixel, mask=q_ok, other=0.0)
         top = sy0 - (KH - 1) // 2
         left = sx0 - (KW - 1) // 2
-        # Pass 1: delta_i = sum_j P_ij dP_ij (= dout_i . out_i).
-        delta = tl.zeros([TILE_H * TILE_W], tl.float32)
+        rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H,
+                                 W, DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, UPCAST, BLOCK_D,
+                                 BLOCK_T, BLOCK_HALO)
+        grad_rows = tl.zeros([TILE_H * TILE_W, BLOCK_HALO], tl.float32)
+        grad_cols = tl.zeros([TILE_H * TILE_W, BLOCK_HALO], tl.float32)
         for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
             hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
             ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
@@ -419,46 +573,28 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
             kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
             if HAS_KEY:
                 kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
-            s = _logits(q, kT, a_row, b_col, qy, qx, q_ok, top + hy, left + hx, ry, rx, H, W,
-                        DH, DW, KH, KW, BLOCK_H, BLOCK_W, HAS_KEY, HAS_REL, UPCAST, BLOCK_T)
-            p = tl.exp2(s - lse[:, None])
             vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
-            delta += tl.sum(p * _dot(dout, vT, UPCAST), axis=1)
-        tl.store(DELTA + (bn * H + y) * W + x, delta, mask=q_ok)
-        # Pass 2: dS = P (dP - delta); dq = dS @ K (+ the tables' share).
-        dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
-        grad_a = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
-        grad_b = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
-        for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
-            hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
-            ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
-                                                 BLOCK_H, BLOCK_W)
-            kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
-            if HAS_KEY:
-                kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
-            s = _logits(q, kT, a_row, b_col, qy, qx, q_ok, top + hy, left + hx, ry, rx, H, W,
-                        DH, DW, KH, KW, BLOCK_H, BLOCK_W, HAS_KEY, HAS_REL, UPCAST, BLOCK_T)
-            p = tl.exp2(s - lse[:, None])
-            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
-            ds = p * (_dot(dout, vT, UPCAST) - delta[:, None])
-            if HAS_KEY:
-                dq += _dot(ds.to(kT.dtype), tl.trans(kT), UPCAST)
-            if HAS_REL:
-                grad_a += _taps_grad(ds, qy, top + hy, KH, True, BLOCK_H, BLOCK_W, BLOCK_T)
-                grad_b += _taps_grad(ds, qx, left + hx, KW, False, BLOCK_H, BLOCK_W, BLOCK_T)
-        if HAS_REL:
-            dq += tl.dot(grad_a, tl.trans(row_table), input_precision='tf32x3')
-            dq += tl.dot(grad_b, tl.trans(col_table), input_precision='tf32x3')
-            q32 = tl.trans(q.to(tl.float32))
-            grad_row_table += tl.dot(q32, grad_a, input_precision='tf32x3')
-            grad_col_table += tl.dot(q32, grad_b, input_precision='tf32x3')
-        _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh)
-    if HAS_REL:
-        program = bn * tl.num_programs(0) + pid
-        t = tl.arange(0, BLOCK_T)[None, :]
-        base = DREL + program * BLOCK_D * 2 * BLOCK_T + d[:, None] * 2 * BLOCK_T
-        tl.store(base + t, grad_row_table)
-        tl.store(base + BLOCK_T + t, grad_col_table)
+            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, UPCAST,
+                                    BLOCK_H, BLOCK_W)
+            ds = p * (dp - delta[:, None])
+            grad_rows += _dot_one_hot(ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True))
+            grad_cols += _dot_one_hot(ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False,
+                                                   True))
+        grad_a = _per_tap(grad_rows, qy, top, KH, BLOCK_T)
+        grad_b = _per_tap(grad_cols, qx, left, KW, BLOCK_T)
+        dq_ptr = DQ + b * sob + n * son + d[None, :] * soc + (y * soh + x)[:, None]
+        dq_ok = q_ok[:, None] & (d < D)[None, :]
+        row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T, True)
+        if q.dtype == tl.float32:
+            dq = _dot_f32(grad_a, row_table) + _dot_f32(grad_b, col_table)
+        else:  # rounded to q's dtype when stored
+            dq = (_dot_f32_by_bf16(grad_a, row_table, UPCAST)
+                  + _dot_f32_by_bf16(grad_b, col_table, UPCAST))
+        dq += tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
+        tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_ok)
+        tl.store(partial, tl.load(partial) + _dot_exact_by_f32(tl.trans(q), grad_a, UPCAST))
+        tl.store(partial + BLOCK_T,
+                 tl.load(partial + BLOCK_T) + _dot_exact_by_f32(tl.trans(q), grad_b, UPCAST))
 
 
 @_jit
@@ -470,7 +606,7 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
                          TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
+                         BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
     """dk and dv of one tile of keys, from the queries whose windows cover
     them: ``dV = P^T @ dO``, ``dK = dS^T @ Q`` (strides ``so*`` of dK,
     ``sw*`` of dV)."""
@@ -508,9 +644,11 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
         a_row = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_T], tl.float32)
         b_col = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_T], tl.float32)
         if HAS_REL:
-            a_row, b_col = _relative_terms(q, row_table, col_table)
-        s = _logits(q, kT, a_row, b_col, qy, qx, q_ok, sy0, sx0, ry, rx, H, W, DH, DW, KH, KW,
-                    TILE_H, TILE_W, HAS_KEY, HAS_REL, UPCAST, BLOCK_T)
+            a_row, b_col = _relative_terms(q, row_table, col_table, UPCAST)
+        # The queries' terms on the key tile's rows and columns.
+        rows = _shifted(a_row, sy0, qy, q_ok, ry, H, DH, TILE_H, KH, 16, HAS_REL, BLOCK_T)
+        cols = _shifted(b_col, sx0, qx, q_ok, rx, W, DW, TILE_W, KW, 16, HAS_REL, BLOCK_T)
+        s = _logits(q, kT, rows, cols, 0, 0, TILE_H, TILE_W, HAS_KEY, UPCAST)
         p = tl.exp2(s - lse[:, None])  # (queries, keys)
         dval += _dot(tl.trans(p.to(dout.dtype)), dout, UPCAST)
         if HAS_KEY:
@@ -574,7 +712,7 @@ def _launch_args(query, key, value, rel_row, rel_col, window, dilation) -> tuple
     dim_row = rel_row.shape[-1] if has_rel else 0
     geometry = (*query.shape[3:], heads, dim, value.shape[2], dim_row, *window, *dilation)
     flags = dict(HAS_KEY=has_key, HAS_REL=has_rel,
-                 UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
+                 UPCAST=INTERPRETED,
                  **block_config(dim, value.shape[2], window), **LAUNCH_OPTIONS)
     return tensors, strides, geometry, flags
 
@@ -617,19 +755,23 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     dh, dw = dilation
     tiles_h = triton.cdiv(triton.cdiv(height, dh), TILE_H)
     tiles_w = triton.cdiv(triton.cdiv(width, dw), TILE_W)
-    tile_rows = 1
-    if has_rel:  # a column of tiles per program: few partial sums of the tables
-        tile_rows = triton.cdiv(tiles_h * tiles_w * dh * dw, MAX_TABLE_PARTIALS)
-    query_grid = (dh * dw * tiles_w * triton.cdiv(tiles_h, tile_rows), batch * heads)
+    # The tables' gradient: a column of tiles per program, few partial sums.
+    tile_rows = triton.cdiv(tiles_h * tiles_w * dh * dw, MAX_TABLE_PARTIALS)
+    tables_grid = (dh * dw * tiles_w * triton.cdiv(tiles_h, tile_rows), batch * heads)
     block_d, block_t = flags['BLOCK_D'], flags['BLOCK_T']
-    partial = torch.empty((batch * heads * query_grid[0], block_d, 2 * block_t) if has_rel
+    partial = torch.empty((batch * heads * tables_grid[0], block_d, 2 * block_t) if has_rel
                           else (1,), dtype=torch.float32, device=query.device)
+    tile_grid = (_grid_tiles(height, width, dilation), batch * heads)
     with _on_device(query):
-        _backward_query_kernel[query_grid](
-            *tensors, grad_out, lse, delta, grad_q, partial, *strides, *_strides(grad_out),
-            *_strides(grad_q), *geometry, tile_rows, **flags)
+        _backward_query_kernel[tile_grid](
+            *tensors, grad_out, lse, delta, grad_q, *strides, *_strides(grad_out),
+            *_strides(grad_q), *geometry, **flags)
+        if has_rel:  # after the query kernel: adds to its dq, reads its delta
+            _backward_tables_kernel[tables_grid](
+                *tensors, grad_out, lse, delta, grad_q, partial, *strides,
+                *_strides(grad_out), *_strides(grad_q), *geometry, tile_rows, **flags)
         grad_k = grad_q if grad_k is None else grad_k  # never written without HAS_KEY
-        _backward_key_kernel[(_grid_tiles(height, width, dilation), batch * heads)](
+        _backward_key_kernel[tile_grid](
             *tensors, grad_out, lse, delta, grad_k, grad_v, *strides, *_strides(grad_out),
             *_strides(grad_k), *_strides(grad_v), *geometry, **flags)
     for buffer, written in zip(buffers, (grad_q, grad_k, grad_v)):
@@ -640,7 +782,7 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     kh, kw = window
     dim_row = rel_row.shape[-1]
     # (B * N * programs, BLOCK_D, 2 * BLOCK_T) -> (N, BLOCK_D, 2, BLOCK_T), in a fixed order
-    sums = partial.view(batch, heads, query_grid[0], block_d, 2, block_t).sum(dim=(0, 2))
+    sums = partial.view(batch, heads, tables_grid[0], block_d, 2, block_t).sum(dim=(0, 2))
     grad_rel_row = sums[:, :dim_row, 0, :kh].permute(2, 0, 1)  # (kh, N, Dr)
     grad_rel_col = sums[:, dim_row:dim, 1, :kw].permute(2, 0, 1)  # (kw, N, Dc)
     return grad_rel_row.contiguous(), grad_rel_col.contiguous()
@@ -649,7 +791,8 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
 # ---------------------------------------------------------------------------
 # For compile checks without a GPU (tools/analysis): what a launch compiles.
 
-KERNELS = ('_forward_kernel', '_backward_query_kernel', '_backward_key_kernel')
+KERNELS = ('_forward_kernel', '_backward_query_kernel', '_backward_tables_kernel',
+           '_backward_key_kernel')
 _FLOAT32_POINTERS = ('RR', 'RC', 'LSE', 'DELTA', 'DREL')
 _TRITON_DTYPES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
 
