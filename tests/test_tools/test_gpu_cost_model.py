@@ -266,6 +266,7 @@ def test_cost_model_table_json_and_sass(tmp_path):
     assert entry['layer_us'] == pytest.approx(entry['forward']['layer_us']
                                               + entry['backward']['layer_us'])
     assert entry['ratio_to_conv'] == pytest.approx(entry['layer_us'] / entry['conv']['total_us'])
+    assert 0 < entry['floor_us'] <= entry['layer_us']
     assert result['targets']['90'] and 'Targets (issue 19), sm_90' in proc.stdout
     dumped = os.listdir(tmp_path / 'sass')
     assert len(dumped) == len({k['variant'] for r in result['rows']
