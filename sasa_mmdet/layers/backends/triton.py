@@ -121,17 +121,21 @@ def _jit(fn):
     return triton.jit(fn, do_not_specialize=[n for n in names if n in _RUNTIME_INTS])
 
 
-def block_config(head_dim: int, value_dim: int, window=(7, 7)) -> dict:
-    """Block sizes for head widths ``head_dim`` (q, k), ``value_dim`` (v)
-    and ``window``: widths padded to a power of two of at least 16 (the
-    smallest ``tl.dot`` operand), taps likewise."""
+def block_config(head_dim: int, value_dim: int, window=(7, 7), element_size: int = 2) -> dict:
+    """Block sizes for head widths ``head_dim`` (q, k), ``value_dim`` (v),
+    ``window`` and inputs of ``element_size`` bytes: widths padded to a
+    power of two of at least 16 (the smallest ``tl.dot`` operand), taps
+    likewise; halo blocks of 4, 2 or 1 rows, so that a block's loads stay
+    at ``HALO_ELEMENTS`` 16-bit numbers."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_dv = max(16, triton.next_power_of_2(value_dim))
-    block_h = max(1, min(4, HALO_ELEMENTS // (BLOCK_W * max(block_d, block_dv))))
+    block_h = max(1, min(4, 2 * HALO_ELEMENTS // (BLOCK_W * max(block_d, block_dv)
+                                                  * element_size)))
+    halo = max(TILE_H, TILE_W) + max(window) - 1
     return dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_H=block_h, BLOCK_W=BLOCK_W,
                 BLOCK_D=block_d, BLOCK_DV=block_dv,
                 BLOCK_T=max(16, triton.next_power_of_2(max(window))),
-                BLOCK_HALO=max(16, triton.next_power_of_2(max(TILE_H, TILE_W) + max(window) - 1)))
+                BLOCK_HALO=max(16, triton.next_power_of_2(halo)))
 
 
 # ---------------------------------------------------------------------------
@@ -713,7 +717,8 @@ def _launch_args(query, key, value, rel_row, rel_col, window, dilation) -> tuple
     geometry = (*query.shape[3:], heads, dim, value.shape[2], dim_row, *window, *dilation)
     flags = dict(HAS_KEY=has_key, HAS_REL=has_rel,
                  UPCAST=INTERPRETED,
-                 **block_config(dim, value.shape[2], window), **LAUNCH_OPTIONS)
+                 **block_config(dim, value.shape[2], window, query.element_size()),
+                 **LAUNCH_OPTIONS)
     return tensors, strides, geometry, flags
 
 
@@ -813,7 +818,8 @@ def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_di
     fn = globals()[kernel]
     value_dim = head_dim if value_dim is None else value_dim
     constexprs = dict(HAS_KEY=has_key, HAS_REL=has_rel, UPCAST=False,
-                      **block_config(head_dim, value_dim, window))
+                      **block_config(head_dim, value_dim, window,
+                                   torch.empty((), dtype=dtype).element_size()))
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
