@@ -102,6 +102,13 @@ def test_qr_only_and_qk_only(key, rel):
     _check(_inputs(2, 8, 5, 6, (3, 3), key=key, rel=rel), (3, 3))
 
 
+def test_tables_kernel_walking_columns_of_tiles(monkeypatch):
+    """With little room for partial sums, each program of the tables kernel
+    takes a whole column of tiles (here two per sub-lattice)."""
+    monkeypatch.setattr(triton_backend(), 'TABLE_PARTIAL_BYTES', 1)
+    _check(_inputs(1, 8, 17, 5, (3, 3), batch=1), (3, 3), (2, 1))
+
+
 def test_value_width_differs_from_head_width():
     _check(_inputs(2, 8, 5, 6, (3, 3), value_dim=24), (3, 3))
 

@@ -104,9 +104,11 @@ HALO_ELEMENTS = 2048  # BLOCK_H x BLOCK_W x (padded head width) at most: the loa
 # address every element (the planar layout's rows are not aligned, so they
 # are not vectorised), and more in flight spill registers.
 LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
-# The query kernel's programs each take a column of tiles, so that the
-# tables' partial sums stay at most about this many per image and head.
-MAX_TABLE_PARTIALS = 4096
+# The tables kernel's programs each take tiles one above the other (up to a
+# whole column of them), so that their partial sums of the tables' gradient
+# take about this many bytes at most (more only when one program per column
+# of tiles exceeds it).
+TABLE_PARTIAL_BYTES = 32 << 20
 INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 # Map sizes and strides change with every feature map: one compile for all.
@@ -708,10 +710,8 @@ def _launch_args(query, key, value, rel_row, rel_col, window, dilation) -> tuple
     """Tensors, strides, geometry and constexprs shared by the launches."""
     _, heads, dim, _, _ = query.shape
     has_key, has_rel = key is not None, rel_row is not None
-    if not has_rel:  # never read without HAS_REL
-        rel_row = rel_col = query
-    tensors = (query, key if has_key else query, value, rel_row.contiguous(),
-               rel_col.contiguous())
+    tables = (rel_row.contiguous(), rel_col.contiguous()) if has_rel else (query, query)
+    tensors = (query, key if has_key else query, value, *tables)  # placeholders never read
     strides = (*_strides(query), *_strides(tensors[1]), *_strides(value))
     dim_row = rel_row.shape[-1] if has_rel else 0
     geometry = (*query.shape[3:], heads, dim, value.shape[2], dim_row, *window, *dilation)
@@ -760,10 +760,11 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     dh, dw = dilation
     tiles_h = triton.cdiv(triton.cdiv(height, dh), TILE_H)
     tiles_w = triton.cdiv(triton.cdiv(width, dw), TILE_W)
-    # The tables' gradient: a column of tiles per program, few partial sums.
-    tile_rows = triton.cdiv(tiles_h * tiles_w * dh * dw, MAX_TABLE_PARTIALS)
-    tables_grid = (dh * dw * tiles_w * triton.cdiv(tiles_h, tile_rows), batch * heads)
     block_d, block_t = flags['BLOCK_D'], flags['BLOCK_T']
+    # The tables' gradient: several tiles per program, few partial sums.
+    programs = max(1, TABLE_PARTIAL_BYTES // (batch * heads * block_d * 2 * block_t * 4))
+    tile_rows = triton.cdiv(tiles_h * tiles_w * dh * dw, programs)
+    tables_grid = (dh * dw * tiles_w * triton.cdiv(tiles_h, tile_rows), batch * heads)
     partial = torch.empty((batch * heads * tables_grid[0], block_d, 2 * block_t) if has_rel
                           else (1,), dtype=torch.float32, device=query.device)
     tile_grid = (_grid_tiles(height, width, dilation), batch * heads)
