@@ -68,10 +68,18 @@ PRESETS = {
     # FPN output convs / head towers: 256 channels on P3..P7.
     'fpn-head-640': [(256, 80, 80), (256, 40, 40), (256, 20, 20), (256, 10, 10), (256, 5, 5)],
     'fpn-head-1333': [(256, 100, 167), (256, 50, 84), (256, 25, 42), (256, 13, 21), (256, 7, 11)],
+    # The 640 shapes with the width's divisibility by 16 flipped (W=84
+    # beside W=80, ...): Triton specialises ints divisible by 16, so these
+    # may run other kernels (tools/analysis_tools/gpu_cost_model.py models
+    # both).
+    'resnet50-640-wflip': [(64, 160, 164), (128, 80, 84), (256, 40, 48), (512, 20, 32)],
+    'fpn-head-640-wflip': [(256, 80, 84), (256, 40, 48), (256, 20, 32), (256, 10, 16),
+                           (256, 5, 16)],
 }
 
 # GPU layer cases: (batch, preset) as a detector trains them.
-CUDA_PRESETS = {'resnet50-640': 8, 'fpn-head-640': 8, 'resnet50-1333': 2, 'fpn-head-1333': 2}
+CUDA_PRESETS = {'resnet50-640': 8, 'fpn-head-640': 8, 'resnet50-1333': 2, 'fpn-head-1333': 2,
+                'resnet50-640-wflip': 8, 'fpn-head-640-wflip': 8}
 CUDA_IMPLS = ['triton', 'torch', 'flex']
 
 TABLE2 = [
@@ -320,7 +328,7 @@ def _cuda_layer_rows(args) -> list:
     and dtype; a case that fails (e.g. out of memory) is reported, not fatal."""
     import torch
     rows = []
-    presets = args.preset or list(CUDA_PRESETS)
+    presets = args.preset or [p for p in CUDA_PRESETS if not p.endswith('-wflip')]
     impls = args.impls if args.impls_given else CUDA_IMPLS
     for preset in presets:
         batch = CUDA_PRESETS.get(preset, 1)

@@ -170,8 +170,9 @@ def _local_attention_backward_op(grad_out: Tensor, out: Optional[Tensor], saved:
     """Writes the gradients of q, k and v into ``grad_query``, ``grad_key``
     and ``grad_value`` (any initial content; they may be views into one
     buffer) and returns those of ``rel_row`` and ``rel_col`` (empty without
-    tables). ``out``, the forward's output, only the 'triton' backend reads
-    (the others keep the attention map or recompute it)."""
+    tables). ``out``, the forward's output, no backend reads (the autograd
+    formula passes None): 'cpp' and 'torch' keep the attention map or
+    recompute it, 'triton' recomputes from the log-sum-exp."""
     grad_rel_row, grad_rel_col = _backend_module(backend).backward(
         grad_out, out, saved, query, key, value, rel_row, rel_col, tuple(window),
         tuple(dilation), grad_query, grad_key, grad_value)
@@ -192,8 +193,11 @@ def _(grad_out, out, saved, query, key, value, rel_row, rel_col, window, dilatio
 def _setup_context(ctx, inputs, output) -> None:
     query, key, value, rel_row, rel_col, window, dilation, backend, _ = inputs
     out, saved = output
-    ctx.save_for_backward(query, key, value, rel_row, rel_col,
-                          out if backend == 'triton' else None, saved)
+    # Not the output: no backend's backward reads it (the 'triton' kernels
+    # recompute what they need from the log-sum-exp), and saving it would
+    # make an in-place op on it (a ReLU after a layer without bias) fail the
+    # backward pass.
+    ctx.save_for_backward(query, key, value, rel_row, rel_col, None, saved)
     ctx.geometry = (tuple(window), tuple(dilation), backend)
     # `saved` has no gradient. Without these two calls autograd hands the
     # backward a zero-filled tensor of its shape: for a kept map, 6x a

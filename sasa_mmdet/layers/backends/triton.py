@@ -1,318 +1,834 @@
-"""Triton backend: fused local attention, forward and backward.
+"""Triton backend: fused local attention on tensor cores, forward and backward.
 
-One program takes a tile of ``BLOCK_H x BLOCK_W`` pixels of one image and
-head, and walks the window's taps. At each tap it reads the tile's
-neighbours at that offset straight from K and V (masked loads: neighbours
-outside the image do not exist, their weight is exactly 0; nothing is
-padded or copied per tap) and runs an online softmax over the taps in
-float32, whatever the input dtype (float32, bfloat16, float16).
+The kernels work the way fused neighbourhood attention does (NATTEN's FNA,
+FlashAttention-2), with SASA's exact semantics: logits ``q.k + q.r`` (no
+scaling), neighbours outside the image masked out of the softmax (they do
+not exist; they are not zeros), the softmax in float32.
 
-- Forward: ``logit_t = q . (k_t + r_t)`` (the q.r term folded into the key:
-  ``r_t = [rel_row[ty], rel_col[tx]]``, one dot product per tap), online
-  softmax, ``out = sum_t p_t v_t``. It stores the output and one
-  log-sum-exp per pixel and head, never the attention map.
-- Backward, like FlashAttention's: ``delta = sum_d dout * out`` per pixel and
-  head (PyTorch), then two kernels that recompute ``p_t`` from the
-  log-sum-exp. The query kernel owns its pixels' dq and writes its
-  tile's share of the relative tables' gradient to a buffer of partial sums,
-  reduced afterwards by ``torch.sum``; the key kernel owns its pixels' dk and
-  dv and gathers, for each tap, from the queries that read that pixel. So no
-  reduction uses atomics, and the results are bit-reproducible run to run.
+Tiles and halo. A program owns a ``TILE_H x TILE_W`` (8 x 8) tile of pixels
+of one image and head. The keys its queries' windows cover form the halo,
+``(8 + kh - 1) x (8 + kw - 1)`` pixels, which the program walks in blocks of
+``BLOCK_H x 16`` keys (``BLOCK_H`` 4 rows at head widths up to 32, 2 at
+64, 1 at 128: :func:`block_config`), with an online softmax across
+the blocks. Per block it loads K and V once and runs ``S = Q @ K_block^T``
+and ``O += P @ V_block`` as ``tl.dot`` on tensor cores (head widths padded
+to at least 16); each query is masked to its own window and the image. The
+extra products over the halo cost less than gathering each query's own
+window would. With dilation ``(dh, dw)`` a tile takes queries on one
+sub-lattice (rows ``= r mod dh``, columns ``= c mod dw``), whose neighbours
+lie on the same sub-lattice: dilated attention is dense attention on a
+subsampled grid, at the same cost. Four warps per program, one stage.
 
-Head dims up to 128, any window (runtime loop over the taps), dilation.
-The dots over the head channels are elementwise products and sums, not
-``tl.dot``: each query has its own keys, so there is no matrix product to
-give the tensor cores; this keeps every tile shape legal on every GPU (the
-interpreter accepts ``tl.dot`` shapes under 16 that GPUs reject).
+The q.r term and the mask. ``A = Q @ RowT`` and ``B = Q @ ColT``
+(``RowT[d, t] = rel_row[t, n, d]`` on the row part of the channels,
+``ColT`` on the column part; per tile) give every query's term for every
+tap row and tap column. A ``tl.gather`` places them on the rows and columns
+of the tile's halo, ``(queries, 16)`` each, with -1e30 where the row or
+column is outside the query's window or the image; per halo block, two
+products with one-hot matrices spread them over the block's keys. So no
+per-pixel map of relative positions is built, and the mask costs no
+per-key comparisons. A masked key's logit is below -1e30: its weight is
+exactly 0.
+
+Backward, like FlashAttention-2's, recomputing ``P`` from the stored
+log-sum-exp, in three kernels launched one after the other:
+
+- query kernel (owns query tiles): walks the halo once for ``delta_i =
+  sum_j P_ij dP_ij`` (which equals ``dout_i . out_i``: the forward's output
+  is never needed, so never saved) and stores it, then again for the q.k
+  share of ``dQ = dS @ K``, ``dS = P (dP - delta)``;
+- tables kernel (owns query tiles, a column of them per program; only with
+  tables): walks the halo for ``dS`` summed per halo row and column (one-hot
+  products), shifts those to each query's taps (``dA``, ``dB``), adds
+  ``dA @ RowT^T + dB @ ColT^T`` to the query kernel's dQ, and accumulates
+  ``Q^T @ [dA | dB]`` into one ``(D, 2 x taps)`` partial sum per program,
+  which ``torch.sum`` reduces in a fixed order (a few MB; not O(D^2) per
+  pixel);
+- key kernel (owns key tiles): visits the queries whose windows cover its
+  keys (the same halo, seen from the key side): ``dV = P^T @ dO``, ``dK =
+  dS^T @ Q``.
+
+No reduction uses atomics: the gradients are bit-reproducible run to run.
+The relative tables' work is a kernel of its own because, fused into the
+query kernel, it spilled registers.
+
+Precision. Half-precision inputs enter ``tl.dot`` as they are (P and dS are
+rounded to the input dtype for their products, as FlashAttention's are).
+Products with a float32 operand split it into high and low parts: the
+one-hot products into two tf32 products (exact one-hot, about 2^-21 of the
+terms), products with the tables into half-precision (or bfloat16) parts,
+float32 inputs into three tf32 products (``_dot_f32``: ``tf32x3``'s
+accuracy in fewer registers than Triton's lowering of it). In half
+precision the tables kernel adds its share to a dQ already rounded to the
+input dtype (one more rounding). Loads inside the halo loops are not
+masked (addresses clamped to the image, channels to the head width): what
+they read outside is masked out of the softmax or meets the other
+operand's zero channels.
+
+Head widths: D and Dv up to 128 (:data:`MAX_HEAD_DIM`; larger ones are
+refused). Window and dilation any size, as runtime arguments (a window
+wider than 16 taps compiles a wider tap table). Map sizes and strides are
+not specialised (``do_not_specialize``), so one compile serves every
+feature-map size: the compiles per run are the (dtype, padded head width,
+window size class, logit terms) combinations the model uses, times four
+kernels (three without tables).
+
+What is not fast: every element is loaded on its own address (the rows of
+the planar ``(B, N, D, H, W)`` layout the projection writes are not
+aligned, so nothing is vectorised, and no ``cp.async``/TMA); the halo of a
+3 x 3 window wastes most of its products; the halo blocks are not
+software-pipelined; the kernels use up to 255 registers (two programs per
+SM); the tables kernel spills registers at head widths 64 and 128, and
+on sm_80 more kernels do (tools/analysis/check_triton_kernels.py reports
+which); the key kernel runs mma.sync (HMMA), not wgmma, at head widths 64
+and 128 (its query blocks are then under 64 rows).
+
 ``TRITON_INTERPRET=1`` set before import runs the kernels on CPU tensors.
+The interpreter computes ``tl.dot`` on bfloat16 wrongly (Triton 3.8), so
+under it every product's operands are upcast to float32 first (their
+rounding to bfloat16 or float16 is kept); GPUs multiply them directly.
 """
+import contextlib
+import os
+
 import triton
 import triton.language as tl
 
 import torch
 
-# Pixels per program times the (padded) head width stays at 2048 elements
-# per tile, over 8 warps: 8 fp32 registers per tile and thread. The shifted
-# tiles' loads are masked per element (borders), so they are not vectorised
-# and every element carries its own address. Left to itself ptxas caps the
-# registers at 128 (two programs per SM) and spills up to 52 bytes in the
-# backward kernels; `maxnreg=255` lets it take what it needs (at most 167,
-# no spills: tools/analysis/check_triton_kernels.py checks every
-# configuration for sm_80 and sm_90).
-TILE_ELEMENTS = 2048
-BLOCK_W = 16
-LAUNCH_OPTIONS = dict(num_warps=8, maxnreg=255)
+MAX_HEAD_DIM = 128
+TILE_H = 8    # pixels a program owns: TILE_H x TILE_W (queries, or keys)
+TILE_W = 8
+BLOCK_W = 16  # halo block walked per step: BLOCK_H x BLOCK_W keys (queries), with
+HALO_ELEMENTS = 2048  # BLOCK_H x BLOCK_W x (padded head width) at most: the loads
+# address every element (the planar layout's rows are not aligned, so they
+# are not vectorised), and more in flight spill registers.
+LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
+# The tables kernel's programs each take tiles one above the other (up to a
+# whole column of them), so that their partial sums of the tables' gradient
+# take about this many bytes at most (more only when one program per column
+# of tiles exceeds it).
+TABLE_PARTIAL_BYTES = 32 << 20
+INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+# Map sizes and strides change with every feature map: one compile for all.
+_RUNTIME_INTS = ['H', 'W', 'N', 'D', 'DV', 'DR', 'KH', 'KW', 'DH', 'DW', 'tile_rows',
+                 'sqb', 'sqn', 'sqc', 'sqh', 'skb', 'skn', 'skc', 'skh',
+                 'svb', 'svn', 'svc', 'svh', 'sob', 'son', 'soc', 'soh',
+                 'sgb', 'sgn', 'sgc', 'sgh', 'swb', 'swn', 'swc', 'swh']
 
 
-def block_config(head_dim: int, value_dim: int) -> dict:
-    """Tile sizes for head widths ``head_dim`` (q, k) and ``value_dim`` (v)."""
-    block_d = triton.next_power_of_2(head_dim)
-    block_dv = triton.next_power_of_2(value_dim)
-    block_h = max(1, TILE_ELEMENTS // (BLOCK_W * max(block_d, block_dv)))
-    return dict(BLOCK_H=block_h, BLOCK_W=BLOCK_W, BLOCK_D=block_d, BLOCK_DV=block_dv)
+def _jit(fn):
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[n for n in names if n in _RUNTIME_INTS])
 
 
-@triton.jit
-def _tile(H, W, N, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """This program's image, head and pixel rows/columns."""
-    pid_bn = tl.program_id(1).to(tl.int64)
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    pid = tl.program_id(0)
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    i = (pid // tiles_w) * BLOCK_H + p // BLOCK_W
-    j = (pid % tiles_w) * BLOCK_W + p % BLOCK_W
-    return pid_bn // N, pid_bn % N, i, j, (i < H) & (j < W)
+def block_config(head_dim: int, value_dim: int, window=(7, 7), element_size: int = 2) -> dict:
+    """Block sizes for head widths ``head_dim`` (q, k), ``value_dim`` (v),
+    ``window`` and inputs of ``element_size`` bytes: widths padded to a
+    power of two of at least 16 (the smallest ``tl.dot`` operand), taps
+    likewise; halo blocks of 4, 2 or 1 rows, so that a block's loads stay
+    at ``HALO_ELEMENTS`` 16-bit numbers."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(value_dim))
+    block_h = max(1, min(4, 2 * HALO_ELEMENTS // (BLOCK_W * max(block_d, block_dv)
+                                                  * element_size)))
+    halo = max(TILE_H, TILE_W) + max(window) - 1
+    return dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_H=block_h, BLOCK_W=BLOCK_W,
+                BLOCK_D=block_d, BLOCK_DV=block_dv,
+                BLOCK_T=max(16, triton.next_power_of_2(max(window))),
+                BLOCK_HALO=max(16, triton.next_power_of_2(halo)))
 
 
-@triton.jit
-def _planar_offsets(channels, rows, cols, W, HW):
-    """Offsets of a ``(pixels, channels)`` tile in a planar ``(C, H, W)`` map."""
-    return channels[None, :] * HW + rows[:, None] * W + cols[:, None]
-
-
-@triton.jit
-def _load_tile(base, channels, rows, cols, ok, C, W, HW):
-    """A ``(pixels, channels)`` tile of a planar map in float32; zeros where
-    the pixel is not ``ok`` (outside the image) and past the C channels."""
-    mask = ok[:, None] & (channels < C)[None, :]
-    return tl.load(base + _planar_offsets(channels, rows, cols, W, HW), mask=mask,
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_tile(base, tile, channels, rows, cols, ok, C, W, HW):
-    mask = ok[:, None] & (channels < C)[None, :]
-    tl.store(base + _planar_offsets(channels, rows, cols, W, HW),
-             tile.to(base.dtype.element_ty), mask=mask)
+# ---------------------------------------------------------------------------
+# Pieces shared by the kernels.
 
 
 @triton.jit
-def _position(RR, RC, n, ty, tx, d, N, D, DR, HAS_REL: tl.constexpr):
-    """``r_t = [rel_row[ty], rel_col[tx]]`` of head n as one head-width vector
-    (contiguous tables ``(kh, N, DR)`` and ``(kw, N, D - DR)``)."""
-    if HAS_REL:
-        row = tl.load(RR + (ty * N + n) * DR + d, mask=d < DR, other=0.0)
-        col = tl.load(RC + (tx * N + n) * (D - DR) + (d - DR), mask=(d >= DR) & (d < D),
-                      other=0.0)
-        return row.to(tl.float32) + col.to(tl.float32)
+def _dot(a, b, UPCAST: tl.constexpr):
+    """``a @ b`` with a float32 accumulator: half-precision operands as they
+    are, float32 ones to float32 accuracy (:func:`_dot_f32`); ``UPCAST``
+    under the interpreter, whose bfloat16 products are wrong."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.float32:
+        return _dot_f32(a, b)
     else:
-        return tl.zeros(d.shape, tl.float32)
+        return tl.dot(a, b)
 
 
 @triton.jit
-def _neighbours(K, V, RR, RC, n, i, j, p_ok, ty, tx, d, dv, H, W, N, D, DV, DR, KH, KW, DH,
-                DW, HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr):
-    """The tile's neighbours at tap (ty, tx): ``k_t + r_t`` and ``v_t`` (zeros
-    where the neighbour is outside the image) and where they exist."""
-    ki = i + (ty - (KH - 1) // 2) * DH
-    kj = j + (tx - (KW - 1) // 2) * DW
-    ok = p_ok & (ki >= 0) & (ki < H) & (kj >= 0) & (kj < W)
-    key = _position(RR, RC, n, ty, tx, d, N, D, DR, HAS_REL)[None, :]
+def _tf32_high(a):
+    """``a`` cut to tf32's 10-bit mantissa (exact in a tf32 product)."""
+    return (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_f32(a, b):
+    """``a @ b`` of float32 operands to about float32 accuracy, as three tf32
+    products of their high and low parts (what ``tf32x3`` does, in fewer
+    registers than Triton's lowering of it)."""
+    a_high = _tf32_high(a)
+    b_high = _tf32_high(b)
+    return (tl.dot(a_high, b_high, input_precision='tf32')
+            + tl.dot(a_high, b - b_high, input_precision='tf32')
+            + tl.dot(a - a_high, b_high, input_precision='tf32'))
+
+
+@triton.jit
+def _dot_one_hot(a, one_hot):
+    """``a @ one_hot`` for float32 ``a`` and a 0/1 matrix, to about 2^-21 of
+    ``a``: two tf32 products, of ``a`` cut to tf32 (exact) and of the rest
+    (cheaper in registers and instructions than ``tf32x3``, which also
+    splits the exact one-hot operand)."""
+    high = _tf32_high(a)
+    return (tl.dot(high, one_hot, input_precision='tf32')
+            + tl.dot(a - high, one_hot, input_precision='tf32'))
+
+
+@triton.jit
+def _lattice_tile(tile, H, W, DH, DW, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Tile ``tile`` of the grid: its sub-lattice (row, column residues mod
+    the dilation) and its origin in that sub-lattice's coordinates (rows
+    ``ry + DH * sy``). Returns ``(ry, rx, sy0, sx0, tiles_h)``."""
+    tiles_h = tl.cdiv(tl.cdiv(H, DH), TILE_H)
+    tiles_w = tl.cdiv(tl.cdiv(W, DW), TILE_W)
+    lattice = tile // (tiles_h * tiles_w)
+    within = tile % (tiles_h * tiles_w)
+    return (lattice // DW, lattice % DW, (within // tiles_w) * TILE_H,
+            (within % tiles_w) * TILE_W, tiles_h)
+
+
+@triton.jit
+def _pixels(ry, rx, sy0, sx0, H, W, DH, DW, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A ``ROWS x COLS`` block of the sub-lattice from ``(sy0, sx0)``,
+    flattened: sub-lattice rows and columns, image rows and columns clamped
+    to the image (safe addresses: what is read there is masked out of the
+    softmax, or not stored), and whether each pixel is in the image."""
+    p = tl.arange(0, ROWS * COLS)
+    sy = sy0 + p // COLS
+    sx = sx0 + p % COLS
+    y = ry + sy * DH
+    x = rx + sx * DW
+    ok = (sy >= 0) & (sx >= 0) & (y < H) & (x < W)
+    return sy, sx, tl.minimum(tl.maximum(y, 0), H - 1), tl.minimum(tl.maximum(x, 0), W - 1), ok
+
+
+@triton.jit
+def _load(base, y, x, ok, channels, C, sc, sh, TRANSPOSE: tl.constexpr, MASKED: tl.constexpr):
+    """``(pixels, channels)`` of a planar map (channel stride ``sc``, row
+    stride ``sh``, unit column stride), or ``(channels, pixels)`` with
+    ``TRANSPOSE``. ``MASKED``: zeros outside the image and past C channels;
+    otherwise (the loads inside the halo loops: no per-element predicates)
+    whatever lies at the clamped pixel and channel, for the caller to mask
+    out of the softmax or multiply by the other operand's zero channels."""
+    if MASKED:
+        if TRANSPOSE:
+            return tl.load(base + channels[:, None] * sc + (y * sh + x)[None, :],
+                           mask=(channels < C)[:, None] & ok[None, :], other=0.0)
+        else:
+            return tl.load(base + channels[None, :] * sc + (y * sh + x)[:, None],
+                           mask=ok[:, None] & (channels < C)[None, :], other=0.0)
+    else:
+        channels = tl.minimum(channels, C - 1)
+        if TRANSPOSE:
+            return tl.load(base + channels[:, None] * sc + (y * sh + x)[None, :])
+        else:
+            return tl.load(base + channels[None, :] * sc + (y * sh + x)[:, None])
+
+
+@triton.jit
+def _store(base, tile, y, x, ok, channels, C, sc, sh):
+    tl.store(base + channels[None, :] * sc + (y * sh + x)[:, None],
+             tile.to(base.dtype.element_ty), mask=ok[:, None] & (channels < C)[None, :])
+
+
+@triton.jit
+def _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+            TRANSPOSE: tl.constexpr = False):
+    """``RowT, ColT`` ``(BLOCK_D, BLOCK_T)`` float32 of head n: ``RowT[d, t] =
+    rel_row[t, n, d]`` for the row channels ``d < DR``, ``ColT[d, t] =
+    rel_col[t, n, d - DR]`` for the column channels; zeros elsewhere.
+    ``(BLOCK_T, BLOCK_D)`` with ``TRANSPOSE``."""
+    if TRANSPOSE:
+        d = tl.arange(0, BLOCK_D)[None, :]
+        t = tl.arange(0, BLOCK_T)[:, None]
+    else:
+        d = tl.arange(0, BLOCK_D)[:, None]
+        t = tl.arange(0, BLOCK_T)[None, :]
+    row = tl.load(RR + (t * N + n) * DR + d, mask=(d < DR) & (t < KH), other=0.0)
+    col = tl.load(RC + (t * N + n) * (D - DR) + (d - DR), mask=(d >= DR) & (d < D) & (t < KW),
+                  other=0.0)
+    return row.to(tl.float32), col.to(tl.float32)
+
+
+@triton.jit
+def _dot_exact_by_f32(x, b, UPCAST: tl.constexpr):
+    """``x @ b`` for ``x`` exact in its dtype and float32 ``b``: float32
+    ``x`` by :func:`_dot_f32`, half-precision ``x`` by two half-precision
+    products, with the high and low parts of ``b`` (16 or more bits)."""
+    if x.dtype == tl.float32:
+        return _dot_f32(x, b)
+    else:
+        high = b.to(x.dtype)
+        return _dot(x, high, UPCAST) + _dot(x, (b - high.to(tl.float32)).to(x.dtype), UPCAST)
+
+
+@triton.jit
+def _dot_f32_by_bf16(a, b, UPCAST: tl.constexpr):
+    """``a @ b`` of float32 operands to about 2^-16, as three bfloat16
+    products of their high and low parts (bfloat16: float32's range)."""
+    a_high = a.to(tl.bfloat16)
+    b_high = b.to(tl.bfloat16)
+    a_low = (a - a_high.to(tl.float32)).to(tl.bfloat16)
+    b_low = (b - b_high.to(tl.float32)).to(tl.bfloat16)
+    return _dot(a_high, b_high, UPCAST) + _dot(a_high, b_low, UPCAST) + _dot(a_low, b_high,
+                                                                               UPCAST)
+
+
+@triton.jit
+def _relative_terms(q, row_table, col_table, UPCAST: tl.constexpr):
+    """``(A, B)``: each query's q.r terms per tap row and per tap column."""
+    return _dot_exact_by_f32(q, row_table, UPCAST), _dot_exact_by_f32(q, col_table, UPCAST)
+
+
+@triton.jit
+def _one_hot(first, LINES: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+             BY_ROW: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """``(LINES, ROWS * COLS)`` float32: 1 where the block's pixel (flattened
+    index j) lies on line ``first + j // COLS`` (``BY_ROW``) or ``first + j %
+    COLS``; ``(ROWS * COLS, LINES)`` with ``TRANSPOSE``."""
+    if TRANSPOSE:
+        j = tl.arange(0, ROWS * COLS)[:, None]
+        i = tl.arange(0, LINES)[None, :]
+    else:
+        i = tl.arange(0, LINES)[:, None]
+        j = tl.arange(0, ROWS * COLS)[None, :]
+    if BY_ROW:
+        return tl.where(first + j // COLS == i, 1.0, 0.0)
+    else:
+        return tl.where(first + j % COLS == i, 1.0, 0.0)
+
+
+@triton.jit
+def _shifted(terms, first, q_first, q_ok, r, extent, dilation, lines, TAPS,
+             LINES: tl.constexpr, HAS_REL: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``(queries, LINES)``: each query's q.r term (from its per-tap terms
+    ``terms (queries, BLOCK_T)``) for the sub-lattice rows (columns)
+    ``first + i``, i < ``lines``; -1e30 where that line is outside the
+    query's window, outside the image (residue ``r``, ``extent`` pixels,
+    ``dilation``), or the query is not in the image (``q_ok``)."""
+    i = tl.arange(0, LINES)
+    line = first + i
+    line_ok = (i < lines) & (line >= 0) & (r + line * dilation < extent)
+    tap = line[None, :] - q_first[:, None] + (TAPS - 1) // 2
+    ok = (tap >= 0) & (tap < TAPS) & line_ok[None, :] & q_ok[:, None]
+    if HAS_REL:
+        value = tl.gather(terms, tl.minimum(tl.maximum(tap, 0), BLOCK_T - 1), 1)
+    else:
+        value = tl.zeros(tap.shape, tl.float32)
+    return tl.where(ok, value, -1e30)
+
+
+@triton.jit
+def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr,
+            HAS_KEY: tl.constexpr, UPCAST: tl.constexpr):
+    """Logits ``(queries, ROWS * COLS keys)`` in log2 units of a key block
+    whose rows (columns) are lines ``row0..`` (``col0..``) of ``rows``
+    (``cols``), the queries' q.r terms and mask per line
+    (:func:`_shifted`): ``q.k`` is one product, the q.r terms and the mask
+    two more with one-hot matrices (float32 accuracy). A masked key gets a
+    logit below -1e30: its weight is exactly 0 (``exp2`` of it minus any
+    finite maximum underflows)."""
+    LINES: tl.constexpr = rows.shape[1]
+    s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False))
+    s += _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False))
     if HAS_KEY:
-        key = key + _load_tile(K, d, ki, kj, ok, D, W, H * W)
-    return key, _load_tile(V, dv, ki, kj, ok, DV, W, H * W), ok
+        s += _dot(q, kT, UPCAST)
+    return s * 1.4426950408889634
 
 
 @triton.jit
+def _per_tap(lines, q_first, first, TAPS, BLOCK_T: tl.constexpr):
+    """``(queries, BLOCK_T)``: ``lines (queries, L)``, sums over the halo's
+    lines ``first + i``, shifted to each query's taps (``q_first``: the
+    query's line)."""
+    t = tl.arange(0, BLOCK_T)[None, :]
+    line = t + q_first[:, None] - (TAPS - 1) // 2 - first
+    inside = (line >= 0) & (line < lines.shape[1]) & (t < TAPS)
+    return tl.where(inside, tl.gather(lines, tl.minimum(tl.maximum(line, 0),
+                                                        lines.shape[1] - 1), 1), 0.0)
+
+
+@triton.jit
+def _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W, DH, DW, KH, KW,
+                TILE_H: tl.constexpr, TILE_W: tl.constexpr, HAS_REL: tl.constexpr,
+                UPCAST: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
+    """The tile's q.r terms and mask on the rows and columns of its halo
+    (from ``top``, ``left``): ``(queries, BLOCK_HALO)`` each."""
+    a_row = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
+    b_col = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
+    if HAS_REL:
+        row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T)
+        a_row, b_col = _relative_terms(q, row_table, col_table, UPCAST)
+    rows = _shifted(a_row, top, qy, q_ok, ry, H, DH, TILE_H + KH - 1, KH, BLOCK_HALO, HAS_REL,
+                    BLOCK_T)
+    cols = _shifted(b_col, left, qx, q_ok, rx, W, DW, TILE_W + KW - 1, KW, BLOCK_HALO, HAS_REL,
+                    BLOCK_T)
+    return rows, cols
+
+
+@triton.jit
+def _halo_blocks(KH, KW, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_W: tl.constexpr):
+    """How many ``BLOCK_H x BLOCK_W`` blocks cover a tile's halo."""
+    return tl.cdiv(TILE_H + KH - 1, BLOCK_H) * tl.cdiv(TILE_W + KW - 1, BLOCK_W)
+
+
+@triton.jit
+def _halo_block(block, KW, TILE_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Offset (rows, columns) of halo block ``block`` from the halo's
+    corner. One loop over the blocks, not two nested ones, so that nothing
+    computed for a block row stays live (in registers) across the blocks."""
+    per_row = tl.cdiv(TILE_W + KW - 1, BLOCK_W)
+    return (block // per_row) * BLOCK_H, (block % per_row) * BLOCK_W
+
+
+# ---------------------------------------------------------------------------
+# Forward.
+
+
+@_jit
 def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
-                    sqb, sqn, skb, skn, svb, svn, sob, son,
+                    sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
+                    sob, son, soc, soh,
                     H, W, N, D, DV, DR, KH, KW, DH, DW,
-                    HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr,
+                    HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
+                    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    b, n, i, j, p_ok = _tile(H, W, N, BLOCK_H, BLOCK_W)
-    HW = H * W  # planar layout: channel stride H * W, row stride W, column stride 1
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_HALO: tl.constexpr):
+    """Output and log-sum-exp (log2 units) of one tile of queries."""
+    bn = tl.program_id(1).to(tl.int64)
+    b = bn // N
+    n = bn % N
+    ry, rx, sy0, sx0, _ = _lattice_tile(tl.program_id(0), H, W, DH, DW, TILE_H, TILE_W)
+    qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * sqb + n * sqn, d, i, j, p_ok, D, W, HW)
-    # A finite start, so that taps that do not exist (logit -inf) give
-    # exp(-inf - m) = 0 and never NaN; the centre tap always exists.
-    m = tl.full([BLOCK_H * BLOCK_W], -1e30, tl.float32)
-    denom = tl.zeros([BLOCK_H * BLOCK_W], tl.float32)
-    acc = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_DV], tl.float32)
-    for ty in range(KH):
-        for tx in range(KW):
-            key, value, ok = _neighbours(K + b * skb + n * skn, V + b * svb + n * svn, RR, RC,
-                                         n, i, j, p_ok, ty, tx, d, dv, H, W, N, D, DV, DR, KH,
-                                         KW, DH, DW, HAS_KEY, HAS_REL)
-            logit = tl.where(ok, tl.sum(q * key, axis=1), float('-inf'))
-            m_new = tl.maximum(m, logit)
-            scale = tl.exp(m - m_new)
-            weight = tl.exp(logit - m_new)
-            denom = denom * scale + weight
-            acc = acc * scale[:, None] + weight[:, None] * value
-            m = m_new
-    denom_safe = tl.where(denom > 0, denom, 1.0)  # only padding lanes have 0
-    _store_tile(OUT + b * sob + n * son, acc / denom_safe[:, None], dv, i, j, p_ok, DV, W, HW)
-    tl.store(LSE + ((b * N + n) * H + i) * W + j, m + tl.log(denom_safe), mask=p_ok)
+    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, False, True)
+    K += b * skb + n * skn
+    V += b * svb + n * svn
+    # A finite start: keys that do not exist (-inf) give exp2(-inf - m) = 0.
+    m = tl.full([TILE_H * TILE_W], -1e30, tl.float32)
+    denom = tl.zeros([TILE_H * TILE_W], tl.float32)
+    acc = tl.zeros([TILE_H * TILE_W, BLOCK_DV], tl.float32)
+    top = sy0 - (KH - 1) // 2
+    left = sx0 - (KW - 1) // 2
+    rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W,
+                             DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, UPCAST, BLOCK_D, BLOCK_T,
+                             BLOCK_HALO)
+    for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
+        hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+        ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                             BLOCK_H, BLOCK_W)
+        kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
+        if HAS_KEY:
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
+        s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, UPCAST)
+        v = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, False, False)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        scale = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        denom = denom * scale + tl.sum(p, axis=1)
+        acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m = m_new
+    denom = tl.where(denom > 0, denom, 1.0)  # only pixels outside the image have 0
+    _store(OUT + b * sob + n * son, acc / denom[:, None], y, x, q_ok, dv, DV, soc, soh)
+    tl.store(LSE + (bn * H + y) * W + x, m + tl.log2(denom), mask=q_ok)
+
+
+# ---------------------------------------------------------------------------
+# Backward.
 
 
 @triton.jit
-def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
-                           sqb, sqn, skb, skn, svb, svn, sgb, sgn, sdb, sdn,
+def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``."""
+    s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, UPCAST)
+    return tl.exp2(s - lse[:, None]), _dot(dout, vT, UPCAST)
+
+
+@_jit
+def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
+                           sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
+                           sgb, sgn, sgc, sgh, sob, son, soc, soh,
                            H, W, N, D, DV, DR, KH, KW, DH, DW,
-                           HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr,
+                           HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
+                           TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """dq of this tile's queries and the tile's partial sums of the tables'
-    gradient, ``DREL[bn, tile, t, d]``."""
-    b, n, i, j, p_ok = _tile(H, W, N, BLOCK_H, BLOCK_W)
-    HW = H * W
+                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
+    """delta (stored) and the q.k share of dq of one tile of queries: two
+    walks over the halo, ``delta_i = sum_j P_ij dP_ij`` (= dout_i . out_i),
+    then ``dq = dS @ K`` with ``dS = P (dP - delta)``."""
+    bn = tl.program_id(1).to(tl.int64)
+    b = bn // N
+    n = bn % N
+    ry, rx, sy0, sx0, _ = _lattice_tile(tl.program_id(0), H, W, DH, DW, TILE_H, TILE_W)
+    qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * sqb + n * sqn, d, i, j, p_ok, D, W, HW)
-    dout = _load_tile(DOUT + b * sgb + n * sgn, dv, i, j, p_ok, DV, W, HW)
-    pixel = ((b * N + n) * H + i) * W + j
-    lse = tl.load(LSE + pixel, mask=p_ok, other=0.0)
-    delta = tl.load(DELTA + pixel, mask=p_ok, other=0.0)
-    dq = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_D], tl.float32)
-    tile = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-    drel = DREL + tile * KH * KW * BLOCK_D
-    for ty in range(KH):
-        for tx in range(KW):
-            key, value, ok = _neighbours(K + b * skb + n * skn, V + b * svb + n * svn, RR, RC,
-                                         n, i, j, p_ok, ty, tx, d, dv, H, W, N, D, DV, DR, KH,
-                                         KW, DH, DW, HAS_KEY, HAS_REL)
-            weight = tl.where(ok, tl.exp(tl.sum(q * key, axis=1) - lse), 0.0)
-            dlogit = weight * (tl.sum(dout * value, axis=1) - delta)
-            dq += dlogit[:, None] * key
-            if HAS_REL:
-                tl.store(drel + (ty * KW + tx) * BLOCK_D + d, tl.sum(dlogit[:, None] * q, axis=0))
-    _store_tile(DQ + b * sdb + n * sdn, dq, d, i, j, p_ok, D, W, HW)
-
-
-@triton.jit
-def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
-                         sqb, sqn, skb, skn, svb, svn, sgb, sgn, sdkb, sdkn, sdvb, sdvn,
-                         H, W, N, D, DV, DR, KH, KW, DH, DW,
-                         HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """dk and dv of this tile's pixels, gathered from the queries that read
-    them: the query at ``pixel - offset_t`` reads this pixel at tap t."""
-    b, n, i, j, p_ok = _tile(H, W, N, BLOCK_H, BLOCK_W)
-    HW = H * W
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    key_own = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_D], tl.float32)
+    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, False, True)
+    dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, False, True)
+    lse = tl.load(LSE + (bn * H + y) * W + x, mask=q_ok, other=0.0)
+    K += b * skb + n * skn
+    V += b * svb + n * svn
+    top = sy0 - (KH - 1) // 2
+    left = sx0 - (KW - 1) // 2
+    rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W,
+                             DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, UPCAST, BLOCK_D,
+                             BLOCK_T, BLOCK_HALO)
+    delta = tl.zeros([TILE_H * TILE_W], tl.float32)
+    for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
+        hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+        ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                             BLOCK_H, BLOCK_W)
+        kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
+        if HAS_KEY:
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
+        vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
+        p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, UPCAST,
+                                BLOCK_H, BLOCK_W)
+        delta += tl.sum(p * dp, axis=1)
+    tl.store(DELTA + (bn * H + y) * W + x, delta, mask=q_ok)
+    dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
     if HAS_KEY:
-        key_own = _load_tile(K + b * skb + n * skn, d, i, j, p_ok, D, W, HW)
-    value = _load_tile(V + b * svb + n * svn, dv, i, j, p_ok, DV, W, HW)
-    dk = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_D], tl.float32)
-    dval = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_DV], tl.float32)
-    for ty in range(KH):
-        qi = i - (ty - (KH - 1) // 2) * DH
-        row_ok = p_ok & (qi >= 0) & (qi < H)
-        for tx in range(KW):
-            qj = j - (tx - (KW - 1) // 2) * DW
-            ok = row_ok & (qj >= 0) & (qj < W)
-            key = key_own + _position(RR, RC, n, ty, tx, d, N, D, DR, HAS_REL)[None, :]
-            q = _load_tile(Q + b * sqb + n * sqn, d, qi, qj, ok, D, W, HW)
-            dout = _load_tile(DOUT + b * sgb + n * sgn, dv, qi, qj, ok, DV, W, HW)
-            pixel = ((b * N + n) * H + qi) * W + qj
-            lse = tl.load(LSE + pixel, mask=ok, other=0.0)
-            weight = tl.where(ok, tl.exp(tl.sum(q * key, axis=1) - lse), 0.0)
-            dval += weight[:, None] * dout
+        for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
+            hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+            ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                                 BLOCK_H, BLOCK_W)
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
+            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
+            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, UPCAST,
+                                    BLOCK_H, BLOCK_W)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(kT.dtype), tl.trans(kT), UPCAST)
+    _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh)
+
+
+@_jit
+def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
+                            sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
+                            sgb, sgn, sgc, sgh, sob, son, soc, soh,
+                            H, W, N, D, DV, DR, KH, KW, DH, DW, tile_rows,
+                            HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
+                            TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
+    """The relative tables' share of dq (added to DQ, which the query
+    kernel wrote for the same tiles) and their gradient, of ``tile_rows``
+    tiles of queries one above the other: dS summed per halo row and
+    column, shifted to each query's taps (``dA``, ``dB``), then
+    ``dq += dA @ RowT^T + dB @ ColT^T`` and ``DREL[program] += Q^T @ [dA |
+    dB]`` as ``(BLOCK_D, 2 * BLOCK_T)``."""
+    bn = tl.program_id(1).to(tl.int64)
+    b = bn // N
+    n = bn % N
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    tiles_h = tl.cdiv(tl.cdiv(H, DH), TILE_H)
+    tiles_w = tl.cdiv(tl.cdiv(W, DW), TILE_W)
+    chunks = tl.cdiv(tiles_h, tile_rows)
+    pid = tl.program_id(0)
+    lattice = pid // (chunks * tiles_w)
+    chunk = (pid // tiles_w) % chunks
+    first_tile = lattice * tiles_h * tiles_w + chunk * tile_rows * tiles_w + pid % tiles_w
+    K += b * skb + n * skn
+    V += b * svb + n * svn
+    # This program's partial sums of the tables' gradient, kept in memory
+    # between tiles (not in registers): (BLOCK_D, 2 * BLOCK_T).
+    t = tl.arange(0, BLOCK_T)[None, :]
+    partial = (DREL + (bn * tl.num_programs(0) + pid) * BLOCK_D * 2 * BLOCK_T
+               + d[:, None] * 2 * BLOCK_T + t)
+    tl.store(partial, tl.zeros([BLOCK_D, BLOCK_T], tl.float32))
+    tl.store(partial + BLOCK_T, tl.zeros([BLOCK_D, BLOCK_T], tl.float32))
+    for r in range(0, tl.minimum(tile_rows, tiles_h - chunk * tile_rows)):
+        ry, rx, sy0, sx0, _ = _lattice_tile(first_tile + r * tiles_w, H, W, DH, DW,
+                                            TILE_H, TILE_W)
+        qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
+        q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, False, True)
+        dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, False, True)
+        pixel = (bn * H + y) * W + x
+        lse = tl.load(LSE + pixel, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + pixel, mask=q_ok, other=0.0)
+        top = sy0 - (KH - 1) // 2
+        left = sx0 - (KW - 1) // 2
+        rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H,
+                                 W, DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, UPCAST, BLOCK_D,
+                                 BLOCK_T, BLOCK_HALO)
+        grad_rows = tl.zeros([TILE_H * TILE_W, BLOCK_HALO], tl.float32)
+        grad_cols = tl.zeros([TILE_H * TILE_W, BLOCK_HALO], tl.float32)
+        for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
+            hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+            ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                                 BLOCK_H, BLOCK_W)
+            kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
             if HAS_KEY:
-                delta = tl.load(DELTA + pixel, mask=ok, other=0.0)
-                dlogit = weight * (tl.sum(dout * value, axis=1) - delta)
-                dk += dlogit[:, None] * q
-    _store_tile(DV_ + b * sdvb + n * sdvn, dval, dv, i, j, p_ok, DV, W, HW)
+                kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
+            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
+            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, UPCAST,
+                                    BLOCK_H, BLOCK_W)
+            ds = p * (dp - delta[:, None])
+            grad_rows += _dot_one_hot(ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True))
+            grad_cols += _dot_one_hot(ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False,
+                                                   True))
+        grad_a = _per_tap(grad_rows, qy, top, KH, BLOCK_T)
+        grad_b = _per_tap(grad_cols, qx, left, KW, BLOCK_T)
+        dq_ptr = DQ + b * sob + n * son + d[None, :] * soc + (y * soh + x)[:, None]
+        dq_ok = q_ok[:, None] & (d < D)[None, :]
+        row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T, True)
+        if q.dtype == tl.float32:
+            dq = _dot_f32(grad_a, row_table) + _dot_f32(grad_b, col_table)
+        else:  # rounded to q's dtype when stored
+            dq = (_dot_f32_by_bf16(grad_a, row_table, UPCAST)
+                  + _dot_f32_by_bf16(grad_b, col_table, UPCAST))
+        dq += tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
+        tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_ok)
+        tl.store(partial, tl.load(partial) + _dot_exact_by_f32(tl.trans(q), grad_a, UPCAST))
+        tl.store(partial + BLOCK_T,
+                 tl.load(partial + BLOCK_T) + _dot_exact_by_f32(tl.trans(q), grad_b, UPCAST))
+
+
+@_jit
+def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
+                         sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
+                         sgb, sgn, sgc, sgh, sob, son, soc, soh, swb, swn, swc, swh,
+                         H, W, N, D, DV, DR, KH, KW, DH, DW,
+                         HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
+                         TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
+    """dk and dv of one tile of keys, from the queries whose windows cover
+    them: ``dV = P^T @ dO``, ``dK = dS^T @ Q`` (strides ``so*`` of dK,
+    ``sw*`` of dV)."""
+    bn = tl.program_id(1).to(tl.int64)
+    b = bn // N
+    n = bn % N
+    ry, rx, sy0, sx0, _ = _lattice_tile(tl.program_id(0), H, W, DH, DW, TILE_H, TILE_W)
+    ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    kT = tl.zeros([BLOCK_D, TILE_H * TILE_W], DOUT.dtype.element_ty)
     if HAS_KEY:
-        _store_tile(DK + b * sdkb + n * sdkn, dk, d, i, j, p_ok, D, W, HW)
+        kT = _load(K + b * skb + n * skn, key_y, key_x, k_ok, d, D, skc, skh, True, True)
+    vT = _load(V + b * svb + n * svn, key_y, key_x, k_ok, dv, DV, svc, svh, True, True)
+    row_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
+    col_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
+    if HAS_REL:
+        row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T)
+    Q += b * sqb + n * sqn
+    DOUT += b * sgb + n * sgn
+    dk = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
+    dval = tl.zeros([TILE_H * TILE_W, BLOCK_DV], tl.float32)
+    # Query q reads key k when k - q + pad lies in the window: the queries
+    # from KH - 1 - pad rows above the tile to pad rows below it.
+    top = sy0 - (KH - 1 - (KH - 1) // 2)
+    left = sx0 - (KW - 1 - (KW - 1) // 2)
+    for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
+        hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+        qy, qx, y, x, q_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                     BLOCK_H, BLOCK_W)
+        q = _load(Q, y, x, q_ok, d, D, sqc, sqh, False, False)
+        dout = _load(DOUT, y, x, q_ok, dv, DV, sgc, sgh, False, False)
+        pixel = (bn * H + y) * W + x
+        lse = tl.load(LSE + pixel)
+        a_row = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_T], tl.float32)
+        b_col = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_T], tl.float32)
+        if HAS_REL:
+            a_row, b_col = _relative_terms(q, row_table, col_table, UPCAST)
+        # The queries' terms on the key tile's rows and columns.
+        rows = _shifted(a_row, sy0, qy, q_ok, ry, H, DH, TILE_H, KH, 16, HAS_REL, BLOCK_T)
+        cols = _shifted(b_col, sx0, qx, q_ok, rx, W, DW, TILE_W, KW, 16, HAS_REL, BLOCK_T)
+        s = _logits(q, kT, rows, cols, 0, 0, TILE_H, TILE_W, HAS_KEY, UPCAST)
+        p = tl.exp2(s - lse[:, None])  # (queries, keys)
+        dval += _dot(tl.trans(p.to(dout.dtype)), dout, UPCAST)
+        if HAS_KEY:
+            delta = tl.load(DELTA + pixel)
+            ds = p * (_dot(dout, vT, UPCAST) - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+    _store(DV_ + b * swb + n * swn, dval, key_y, key_x, k_ok, dv, DV, swc, swh)
+    if HAS_KEY:
+        _store(DK + b * sob + n * son, dk, key_y, key_x, k_ok, d, D, soc, soh)
 
 
-def _grid(query, config) -> tuple:
-    batch, heads, _, height, width = query.shape
-    return (triton.cdiv(height, config['BLOCK_H']) * triton.cdiv(width, config['BLOCK_W']),
-            batch * heads)
+# ---------------------------------------------------------------------------
+# Launches.
 
 
-def _geometry_args(query, value, rel_row, window, dilation) -> tuple:
-    _, heads, dim, height, width = query.shape
-    dim_row = rel_row.shape[-1] if rel_row is not None else 0
-    return (height, width, heads, dim, value.shape[2], dim_row, *window, *dilation)
+def _check_head_widths(query, value) -> None:
+    for name, width in (('query/key', query.shape[2]), ('value', value.shape[2])):
+        if width > MAX_HEAD_DIM:
+            raise ValueError(f"impl='triton' supports head widths (dim 2 of the (B, N, D, H, "
+                             f"W) inputs) from 1 to {MAX_HEAD_DIM}; the {name} head width "
+                             f"is {width}. Use more heads, or impl='torch'")
+
+
+def _on_device(tensor):
+    """Makes ``tensor``'s CUDA device current while kernels are launched:
+    Triton launches on the current device (and its current stream), which
+    need not be the tensor's. A no-op context for CPU tensors (interpreter)."""
+    if tensor.device.type != 'cuda':
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def _planar(t):
-    """``t`` in the planar layout the kernels address (channel, row and
-    column strides ``H * W``, ``W``, 1; any batch and head strides), copying
-    only if needed."""
-    _, _, dim, height, width = t.shape
-    want = (height * width, width, 1)
-    if all(s == w or n == 1 for s, w, n in zip(t.stride()[2:], want, t.shape[2:])):
+    """``t`` with a unit column stride (the layout the kernels address; any
+    other strides), copying only if needed."""
+    if t.stride(-1) == 1 or t.shape[-1] == 1:
         return t
     return t.contiguous()
 
 
 def _strides(t) -> tuple:
-    return t.stride(0), t.stride(1)
+    """Batch, head, channel and row strides."""
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _tables(rel_row, rel_col, like) -> tuple:
-    if rel_row is None:  # never read: HAS_REL is off
-        return like, like
-    return rel_row.contiguous(), rel_col.contiguous()
+def _grid_tiles(height, width, dilation) -> int:
+    dh, dw = dilation
+    sub_h, sub_w = triton.cdiv(height, dh), triton.cdiv(width, dw)
+    return dh * dw * triton.cdiv(sub_h, TILE_H) * triton.cdiv(sub_w, TILE_W)
+
+
+def _launch_args(query, key, value, rel_row, rel_col, window, dilation) -> tuple:
+    """Tensors, strides, geometry and constexprs shared by the launches."""
+    _, heads, dim, _, _ = query.shape
+    has_key, has_rel = key is not None, rel_row is not None
+    tables = (rel_row.contiguous(), rel_col.contiguous()) if has_rel else (query, query)
+    tensors = (query, key if has_key else query, value, *tables)  # placeholders never read
+    strides = (*_strides(query), *_strides(tensors[1]), *_strides(value))
+    dim_row = rel_row.shape[-1] if has_rel else 0
+    geometry = (*query.shape[3:], heads, dim, value.shape[2], dim_row, *window, *dilation)
+    flags = dict(HAS_KEY=has_key, HAS_REL=has_rel,
+                 UPCAST=INTERPRETED,
+                 **block_config(dim, value.shape[2], window, query.element_size()),
+                 **LAUNCH_OPTIONS)
+    return tensors, strides, geometry, flags
 
 
 def forward(query, key, value, rel_row, rel_col, window, dilation, keep_attention):
-    """Returns ``(out, lse)``: out in v's dtype, lse ``(B, N, H, W)`` float32.
-    ``keep_attention`` is ignored: the map is never stored."""
+    """Returns ``(out, lse)``: out in v's dtype, lse ``(B, N, H, W)`` float32
+    (log2 units). ``keep_attention`` is ignored: the map is never stored."""
+    _check_head_widths(query, value)
     batch, heads, _, height, width = query.shape
-    has_key = key is not None
     query, value = _planar(query), _planar(value)
-    key = _planar(key) if has_key else query  # never read without HAS_KEY
+    key = None if key is None else _planar(key)
     out = torch.empty(value.shape, dtype=value.dtype, device=value.device)
     lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=query.device)
-    config = block_config(query.shape[2], value.shape[2])
-    rr, rc = _tables(rel_row, rel_col, query)
-    _forward_kernel[_grid(query, config)](
-        query, key, value, rr, rc, out, lse,
-        *_strides(query), *_strides(key), *_strides(value), *_strides(out),
-        *_geometry_args(query, value, rel_row, window, dilation),
-        HAS_KEY=has_key, HAS_REL=rel_row is not None, **LAUNCH_OPTIONS, **config)
+    tensors, strides, geometry, flags = _launch_args(query, key, value, rel_row, rel_col,
+                                                     window, dilation)
+    with _on_device(query):
+        _forward_kernel[(_grid_tiles(height, width, dilation), batch * heads)](
+            *tensors, out, lse, *strides, *_strides(out), *geometry, **flags)
     return out, lse
 
 
 def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, dilation,
              grad_query, grad_key, grad_value):
     """Writes dq, dk, dv into the given buffers; returns the tables'
-    gradients in float32 (None without tables)."""
-    has_key = key is not None
-    config = block_config(query.shape[2], value.shape[2])
-    grid = _grid(query, config)
-    delta = (grad_out.float() * out.float()).sum(dim=2).contiguous()  # (B, N, H, W)
+    gradients in float32 (None without tables). ``out`` is not read (the
+    kernels recompute what they need from ``lse``): it may be None."""
+    _check_head_widths(query, value)
+    batch, heads, dim, height, width = query.shape
     query, value, grad_out = _planar(query), _planar(value), _planar(grad_out)
-    key = _planar(key) if has_key else query
-    # The kernels write planar buffers; others get a copy afterwards.
+    key = None if key is None else _planar(key)
+    tensors, strides, geometry, flags = _launch_args(query, key, value, rel_row, rel_col,
+                                                     window, dilation)
+    has_rel = rel_row is not None
+    # The kernels write the given buffers when their columns are contiguous
+    # (as the layer's packed ones are), others a copy.
     buffers = (grad_query, grad_key, grad_value)
-    targets = [None if b is None else _planar(b) for b in buffers]
-    grad_q, grad_k, grad_v = targets
-    rr, rc = _tables(rel_row, rel_col, query)
-    taps = window[0] * window[1]
-    partial = torch.empty((grid[1], grid[0], taps, config['BLOCK_D']) if rel_row is not None
-                          else (1, ), dtype=torch.float32, device=query.device)
-    geometry = _geometry_args(query, value, rel_row, window, dilation)
-    flags = dict(HAS_KEY=has_key, HAS_REL=rel_row is not None, **LAUNCH_OPTIONS, **config)
-    _backward_query_kernel[grid](
-        query, key, value, rr, rc, grad_out, lse, delta, grad_q, partial,
-        *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out),
-        *_strides(grad_q), *geometry, **flags)
-    grad_k = grad_v if grad_k is None else grad_k  # never written without HAS_KEY
-    _backward_key_kernel[grid](
-        query, key, value, rr, rc, grad_out, lse, delta, grad_k, grad_v,
-        *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out),
-        *_strides(grad_k), *_strides(grad_v), *geometry, **flags)
-    for buffer, target in zip(buffers, targets):
-        if buffer is not None and target is not buffer:
-            buffer.copy_(target)
-    if rel_row is None:
+    grad_q, grad_k, grad_v = [None if t is None else _planar(t) for t in buffers]
+    delta = torch.empty((batch, heads, height, width), dtype=torch.float32,
+                        device=query.device)
+    dh, dw = dilation
+    tiles_h = triton.cdiv(triton.cdiv(height, dh), TILE_H)
+    tiles_w = triton.cdiv(triton.cdiv(width, dw), TILE_W)
+    block_d, block_t = flags['BLOCK_D'], flags['BLOCK_T']
+    # The tables' gradient: several tiles per program, few partial sums.
+    programs = max(1, TABLE_PARTIAL_BYTES // (batch * heads * block_d * 2 * block_t * 4))
+    tile_rows = triton.cdiv(tiles_h * tiles_w * dh * dw, programs)
+    tables_grid = (dh * dw * tiles_w * triton.cdiv(tiles_h, tile_rows), batch * heads)
+    partial = torch.empty((batch * heads * tables_grid[0], block_d, 2 * block_t) if has_rel
+                          else (1,), dtype=torch.float32, device=query.device)
+    tile_grid = (_grid_tiles(height, width, dilation), batch * heads)
+    with _on_device(query):
+        _backward_query_kernel[tile_grid](
+            *tensors, grad_out, lse, delta, grad_q, *strides, *_strides(grad_out),
+            *_strides(grad_q), *geometry, **flags)
+        if has_rel:  # after the query kernel: adds to its dq, reads its delta
+            _backward_tables_kernel[tables_grid](
+                *tensors, grad_out, lse, delta, grad_q, partial, *strides,
+                *_strides(grad_out), *_strides(grad_q), *geometry, tile_rows, **flags)
+        grad_k = grad_q if grad_k is None else grad_k  # never written without HAS_KEY
+        _backward_key_kernel[tile_grid](
+            *tensors, grad_out, lse, delta, grad_k, grad_v, *strides, *_strides(grad_out),
+            *_strides(grad_k), *_strides(grad_v), *geometry, **flags)
+    for buffer, written in zip(buffers, (grad_q, grad_k, grad_v)):
+        if buffer is not None and written is not buffer:
+            buffer.copy_(written)
+    if not has_rel:
         return None, None
     kh, kw = window
     dim_row = rel_row.shape[-1]
-    heads = query.shape[1]
-    # (B * N, tiles, kh * kw, BLOCK_D) -> (N, kh, kw, BLOCK_D)
-    per_tap = partial.view(query.shape[0], heads, grid[0], kh, kw, -1).sum(dim=(0, 2))
-    grad_rel_row = per_tap[..., :dim_row].sum(dim=2).transpose(0, 1)  # (kh, N, Dr)
-    grad_rel_col = per_tap[..., dim_row:query.shape[2]].sum(dim=1).transpose(0, 1)
+    # (B * N * programs, BLOCK_D, 2 * BLOCK_T) -> (N, BLOCK_D, 2, BLOCK_T), in a fixed order
+    sums = partial.view(batch, heads, tables_grid[0], block_d, 2, block_t).sum(dim=(0, 2))
+    grad_rel_row = sums[:, :dim_row, 0, :kh].permute(2, 0, 1)  # (kh, N, Dr)
+    grad_rel_col = sums[:, dim_row:dim, 1, :kw].permute(2, 0, 1)  # (kw, N, Dc)
     return grad_rel_row.contiguous(), grad_rel_col.contiguous()
+
+
+# ---------------------------------------------------------------------------
+# For compile checks without a GPU (tools/analysis): what a launch compiles.
+
+KERNELS = ('_forward_kernel', '_backward_query_kernel', '_backward_tables_kernel',
+           '_backward_key_kernel')
+_FLOAT32_POINTERS = ('RR', 'RC', 'LSE', 'DELTA', 'DREL')
+_TRITON_DTYPES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
+
+
+def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_dim: int = None,
+                        window=(7, 7), has_key: bool = True, has_rel: bool = True) -> tuple:
+    """``(fn, signature, constexprs, attrs, options)`` for
+    ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
+    target=GPUTarget('cuda', arch, 32), options=options)``, specialised as a
+    launch on a GPU specialises it: 16-byte-aligned pointers (PyTorch's
+    allocations and the layer's packed q, k, v are), every int a runtime
+    i32 (``do_not_specialize``: one compile for every map size and stride).
+
+    Example:
+        >>> fn, sig, consts, attrs, opts = compile_source_args('_forward_kernel',
+        ...                                                    torch.bfloat16, 32)
+    """
+    fn = globals()[kernel]
+    value_dim = head_dim if value_dim is None else value_dim
+    constexprs = dict(HAS_KEY=has_key, HAS_REL=has_rel, UPCAST=False,
+                      **block_config(head_dim, value_dim, window,
+                                   torch.empty((), dtype=dtype).element_size()))
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = 'constexpr'
+        elif name in _RUNTIME_INTS:
+            signature[name] = 'i32'
+        else:
+            signature[name] = '*fp32' if name in _FLOAT32_POINTERS else \
+                f'*{_TRITON_DTYPES[dtype]}'
+            attrs[(index, )] = [['tt.divisibility', 16]]
+    return fn, signature, constexprs, attrs, dict(LAUNCH_OPTIONS)
