@@ -17,7 +17,8 @@ DOC_PAGES = [
     'docs/user_guides/reproduce_the_paper.md',
     'docs/user_guides/train_on_gpus.md', 'docs/design.md',
     'docs/benchmarks.md', 'docs/deployment.md', 'docs/analysis_tools.md',
-    'docs/reliability.md', 'docs/faq.md', 'CHANGELOG.md'
+    'docs/reliability.md', 'docs/faq.md', 'docs/san.md', 'docs/gpu_kernels.md',
+    'CHANGELOG.md'
 ]
 PAGES = sorted([README, osp.join(ROOT, 'CHANGELOG.md'),
                 osp.join(ROOT, 'configs', 'sasa', 'README.md')] +
@@ -26,7 +27,7 @@ PAGES = sorted([README, osp.join(ROOT, 'CHANGELOG.md'),
 # repository, then a path (globs allowed), optionally `::test_name`.
 REPO_DIRS = ('configs', 'tools', 'tests', 'docs', 'sasa_mmdet', 'demo',
              'requirements')
-PATH = re.compile(r'(?<![\w./:-])((?:%s)/[\w./*<>@+-]*[\w*/])(?:::(\w+))?' %
+PATH = re.compile(r'(?<![\w./:-])((?:%s)/[\w./*<>@+{},-]*[\w*/}])(?:::(\w+))?' %
                   '|'.join(REPO_DIRS))
 LINK = re.compile(r'!?\[[^\]]*\]\(([^)\s]+)\)')
 # Placeholders a page uses for a folder of the user's choice.
@@ -44,7 +45,18 @@ def named_paths(text):
         yield path.rstrip('.'), test
 
 
+def expand_braces(path):
+    """Every path a shell's brace expansion gives, e.g. ``a_{b,c}.py``."""
+    match = re.search(r'\{([^{}]*)\}', path)
+    if match is None:
+        return [path]
+    return [expanded for choice in match.group(1).split(',')
+            for expanded in expand_braces(path[:match.start()] + choice + path[match.end():])]
+
+
 def exists(path):
+    if '{' in path:
+        return all(exists(each) for each in expand_braces(path))
     if PLACEHOLDER.search(path):
         # e.g. configs/sasa/retinanet_<...>-r50-in1k-pre_<...>_1x_coco.py
         path = PLACEHOLDER.sub('*', path)
@@ -52,6 +64,12 @@ def exists(path):
     if '*' in path:
         return bool(glob.glob(full, recursive=True))
     return osp.exists(full)
+
+
+def test_brace_patterns_expand_and_must_all_exist():
+    assert expand_braces('a_{b,c}-{d,e}.py') == ['a_b-d.py', 'a_b-e.py', 'a_c-d.py', 'a_c-e.py']
+    assert exists('configs/san/retinanet_san{10,15}-pairwise_fpn_1x_coco.py')
+    assert not exists('configs/san/retinanet_san{10,11}-pairwise_fpn_1x_coco.py')
 
 
 def test_pages_found():

@@ -29,7 +29,7 @@
 #      divisibility by 16 flipped (*-wflip presets) (100)           -> benchmark-wflip/
 #   5. the cost model's predictions (docs/benchmarks/gpu_cost_model.json,
 #      sm_90) beside every measured shape                           -> calibration.md/.json
-#   6. the GPU targets, met or not                          -> targets.md
+#   6. the GPU targets, met or not                                -> targets.md
 #   7. optional, if at least 60 s are left: FlexAttention peer, bf16 -> benchmark-flex/
 #   8. optional, with mmdet and mmcv's CUDA ops and 120 s left: a training
 #      step of each Table 2 model, bf16                              -> benchmark-models/

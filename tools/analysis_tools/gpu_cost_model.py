@@ -58,7 +58,7 @@ kernel with perfect reuse in L2 would read or write from DRAM); "requested"
 bytes are what the SASS's global loads and stores ask for (32 lanes x
 width, masks ignored: an upper bound of L1 traffic).
 
-Exit status: 0 when every kernel compiles, else 1. The targets of issue 19
+Exit status: 0 when every kernel compiles, else 1. The targets
 are printed as met or not met; they do not change the exit status.
 """
 import argparse
@@ -1010,7 +1010,7 @@ def print_table(rows: List[dict], archs, legacy: Optional[dict]) -> None:
               '/ conv')
         if legacy_note:
             print(legacy_note + f" ({legacy.get('source', 'legacy JSON')})")
-        print('\nTargets (issue 19), sm_%d:' % arch)
+        print('\nTargets, sm_%d:' % arch)
         for t in check_targets(rows, legacy, arch):
             print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['detail']}")
 
@@ -1102,7 +1102,7 @@ def markdown_report(rows: List[dict], archs, legacy: Optional[dict],
                 mix = k.get('mix_per_pixel', {})
                 lines.append(f"| {row['height']}x{row['width']} | `{k['kernel']}` | "
                              + ' | '.join(f"{mix.get(kind, 0):,.0f}" for kind in kinds) + ' |')
-        lines += ['', f'Targets (issue 19) on sm_{arch}:', '']
+        lines += ['', f'Targets on sm_{arch}:', '']
         for t in check_targets(rows, legacy, arch):
             lines.append(f"- **{'met' if t['met'] else 'not met'}**: {t['target']} "
                          f"({t['detail']})")

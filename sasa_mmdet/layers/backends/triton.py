@@ -79,7 +79,7 @@ aligned, so nothing is vectorised, and no ``cp.async``/TMA); the halo of a
 3 x 3 window wastes most of its products; the halo blocks are not
 software-pipelined; the kernels use up to 255 registers (two programs per
 SM); the tables kernel spills registers at head widths 64 and 128, and
-on sm_80 more kernels do (tools/analysis/check_triton_kernels.py reports
+on sm_80 more kernels do (tools/analysis_tools/check_triton_kernels.py reports
 which); the key kernel runs mma.sync (HMMA), not wgmma, at head widths 64
 and 128 (its query blocks are then under 64 rows).
 
