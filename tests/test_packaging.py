@@ -14,7 +14,8 @@ from packaging.version import Version  # noqa: E402
 
 
 def build_flags(monkeypatch, native=None):
-    """The compile flags setup.py gives the CPU kernel (setup() not run)."""
+    """The compile flags setup.py gives each compiled extension, by name
+    (setup() not run); the same for all of them."""
     if native is None:
         monkeypatch.delenv('SASA_MMDET_NATIVE', raising=False)
     else:
@@ -22,9 +23,13 @@ def build_flags(monkeypatch, native=None):
     captured = {}
     monkeypatch.setattr(setuptools, 'setup', lambda **kw: captured.update(kw))
     runpy.run_path(osp.join(ROOT, 'setup.py'), run_name='__main__')
-    (extension, ) = captured['ext_modules']
-    assert extension.name == 'sasa_mmdet.layers._local_attention_cpu'
-    return extension.extra_compile_args
+    extensions = {ext.name: ext for ext in captured['ext_modules']}
+    assert {'sasa_mmdet.layers._local_attention_cpu',
+            'sasa_mmdet.layers._san_cpu'} <= set(extensions)
+    flags = {name: ext.extra_compile_args for name, ext in extensions.items()}
+    native = {name: '-march=native' in f for name, f in flags.items()}
+    assert len(set(native.values())) == 1, native  # one build choice for all
+    return flags['sasa_mmdet.layers._local_attention_cpu']
 
 
 def test_default_build_is_portable(monkeypatch):

@@ -267,13 +267,13 @@ def test_cost_model_table_json_and_sass(tmp_path):
                                               + entry['backward']['layer_us'])
     assert entry['ratio_to_conv'] == pytest.approx(entry['layer_us'] / entry['conv']['total_us'])
     assert 0 < entry['floor_us'] <= entry['layer_us']
-    assert result['targets']['90'] and 'Targets (issue 19), sm_90' in proc.stdout
+    assert result['targets']['90'] and 'Targets, sm_90' in proc.stdout
     dumped = os.listdir(tmp_path / 'sass')
     assert len(dumped) == len({k['variant'] for r in result['rows']
                                for k in r['archs']['90']['kernels']})
     assert all(name.startswith('sm90_') and name.endswith('.sass') for name in dumped)
     table = (tmp_path / 'table.md').read_text()
-    assert '| C128 (128, 12 x 16) | 16 |' in table and 'Targets (issue 19) on sm_90' in table
+    assert '| C128 (128, 12 x 16) | 16 |' in table and 'Targets on sm_90' in table
 
 
 def _benchmark_module():

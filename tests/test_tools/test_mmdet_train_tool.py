@@ -38,6 +38,7 @@ def test_mmdet_train_tool_runs_the_configs_hooks(tmp_path):
         [sys.executable, mmdet_train_tool(), CONFIG, '--work-dir', work_dir,
          '--cfg-options', 'train_cfg.max_epochs=1',
          'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
+         'train_dataloader.persistent_workers=False',
          'default_hooks.checkpoint.interval=1'],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     output = proc.stdout + proc.stderr
