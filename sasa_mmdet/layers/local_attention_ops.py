@@ -73,12 +73,19 @@ def resolve_backend(impl: str, device: torch.device) -> str:
         raise ValueError(f"impl='cpp' needs CPU tensors and the compiled kernel, got "
                          f"{device.type} tensors (kernel built: {cpu.KERNEL_BUILT})")
     if impl == 'triton':
-        if not TRITON_INSTALLED:
-            raise ValueError("impl='triton' needs triton installed (pip install triton)")
-        if device.type != 'cuda' and not (device.type == 'cpu' and TRITON_INTERPRETED):
-            raise ValueError(f"impl='triton' runs on CUDA tensors, or on CPU tensors with "
-                             f"TRITON_INTERPRET=1 set before import; got {device.type} tensors")
+        check_triton_usable(device)
     return impl
+
+
+def check_triton_usable(device: torch.device) -> None:
+    """Raises a ValueError unless Triton kernels can run on ``device``
+    (CUDA, or CPU under ``TRITON_INTERPRET=1``); shared by every operator
+    with a Triton backend."""
+    if not TRITON_INSTALLED:
+        raise ValueError("impl='triton' needs triton installed (pip install triton)")
+    if device.type != 'cuda' and not (device.type == 'cpu' and TRITON_INTERPRETED):
+        raise ValueError(f"impl='triton' runs on CUDA tensors, or on CPU tensors with "
+                         f"TRITON_INTERPRET=1 set before import; got {device.type} tensors")
 
 
 def _backend_module(backend: str):

@@ -30,8 +30,6 @@ interpreter only, so ``'auto'`` does not pick them yet (ask for
 ``'mask'`` (``backends/san_geometry.py``). The definitions every backend is
 tested against are in ``backends/san_reference.py``.
 """
-import importlib.util
-import os
 from typing import Sequence, Tuple
 
 import torch
@@ -41,11 +39,9 @@ from .backends import san_cpu, san_pytorch
 from .backends.san_geometry import check_border
 from .backends.san_reference import (san_aggregation_reference,  # noqa: F401
                                      san_subtraction_reference, san_unfold_reference)
+from .local_attention_ops import TRITON_INSTALLED, check_triton_usable  # noqa: F401
 
 SAN_IMPLS = ('auto', 'cpp', 'torch', 'triton')
-# Plain bools, read once at import, so that torch.compile can guard on them.
-TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
-TRITON_INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
 def resolve_san_backend(impl: str, device: torch.device) -> str:
@@ -62,11 +58,7 @@ def resolve_san_backend(impl: str, device: torch.device) -> str:
         raise ValueError(f"impl='cpp' needs CPU tensors and the compiled SAN kernel, got "
                          f"{device.type} tensors (kernel built: {san_cpu.KERNEL_BUILT})")
     if impl == 'triton':
-        if not TRITON_INSTALLED:
-            raise ValueError("impl='triton' needs triton installed (pip install triton)")
-        if device.type != 'cuda' and not (device.type == 'cpu' and TRITON_INTERPRETED):
-            raise ValueError(f"impl='triton' runs on CUDA tensors, or on CPU tensors with "
-                             f"TRITON_INTERPRET=1 set before import; got {device.type} tensors")
+        check_triton_usable(device)
     return impl
 
 
