@@ -1,10 +1,12 @@
-"""Compile every Triton kernel the attention layer launches, for NVIDIA
+"""Compile every Triton kernel the attention layers launch, for NVIDIA
 GPUs, on a machine without one, and report registers, spills and shared
 memory.
 
-    python tools/analysis_tools/check_triton_kernels.py [--arch 80 90]
-        [--head-dims 8 16 32 64 128] [--dtypes float32 bfloat16 float16]
-        [--logits qk+qr qr qk] [--sizes 20x32 20x36] [--json FILE]
+    python tools/analysis_tools/check_triton_kernels.py [--layers sasa san]
+        [--arch 80 90] [--dtypes float32 bfloat16 float16] [--sizes 20x32 20x36]
+        [--head-dims 8 16 32 64 128] [--logits qk+qr qr qk]     # SASA's
+        [--san-layers pairwise patchwise] [--borders reflect mask]  # SAN's
+        [--json FILE]
 
 Why: ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors for the tests,
 but the interpreter accepts programs that a GPU build rejects (e.g.
@@ -23,6 +25,19 @@ the instructions. The default sizes give one width divisible by 16 and one
 not, because Triton builds another kernel for each. Registers and spills
 come from the cubin (``cuobjdump -res-usage``: the stack frame a Triton
 kernel has is its spill space).
+
+SAN (``--layers san``): :class:`~sasa_mmdet.layers.PairwiseSelfAttention2d`
+and :class:`~sasa_mmdet.layers.PatchwiseSelfAttention2d` with
+``impl='triton'`` (``SAN_CHANNELS`` channels in and out, window 7,
+``share_planes=8``, batch 2), in each border mode, run one forward and
+backward pass the same way (the same interception, with SAN's backend
+resolver lifted); every kernel of ``backends/san_triton.py`` they launch
+(aggregation forward and its two backward kernels, gather/subtraction
+forward and backward, including the position relation's launch on a
+one-image, two-channel map) is compiled as launched. Their rows also give
+the widths of the global loads in the SASS (128: ``LDG.E.128``, 64, 32,
+16 bits): the elementwise kernels are memory-bound, so the load width is
+what decides their speed.
 
 Exits non-zero on a compile error, or when a kernel spills registers.
 """
@@ -45,6 +60,11 @@ LOGITS = {'qk+qr': dict(position_encoding='relative', logits='qk+qr'),
 DTYPES = ('float32', 'bfloat16', 'float16')
 SIZES = ('20x32', '20x36')
 BATCH = 2
+LAYERS = ('sasa', 'san')
+SAN_LAYERS = ('pairwise', 'patchwise')
+BORDERS = ('reflect', 'mask')
+SAN_CHANNELS = 64
+SAN_WINDOW = 7
 
 
 def parse_size(text: str) -> tuple:
@@ -65,7 +85,8 @@ def check(package, archs, head_dim: int, logits: str, dtype: str, size: tuple) -
     rows = []
     for arch, record in itertools.product(archs, records):
         compiled = model.compile_variant(record['fn'], arch, record['compile'][arch])
-        row = dict(arch=f'sm_{arch}', kernel=record['kernel'], phase=record['phase'],
+        row = dict(layer='sasa', arch=f'sm_{arch}', kernel=record['kernel'],
+                   phase=record['phase'],
                    dtype=dtype, head_dim=head_dim, logits=logits, size=list(size),
                    variant=compiled['key'],
                    num_warps=record['compile'][arch]['options'].num_warps,
@@ -83,13 +104,87 @@ def check(package, archs, head_dim: int, logits: str, dtype: str, size: tuple) -
     return rows
 
 
+def load_widths(sass: str) -> list:
+    """Bits per thread of the global loads in ``sass``, widest first
+    (128: ``LDG.E.128``, 64, 32: ``LDG.E``, 16: ``LDG.E.U16``)."""
+    return sorted({8 * model.load_bytes(ins['op']) for ins in model.parse_sass(sass)
+                   if ins['op'].startswith('LDG')}, reverse=True)
+
+
+def check_san(package, archs, layer_name: str, border: str, dtype: str, size: tuple) -> list:
+    """One row per launch of a SAN layer's forward and backward pass."""
+    import importlib
+
+    import torch
+    san_ops = importlib.import_module(package.__name__ + '.layers.san_ops')
+    backend = importlib.import_module(package.__name__ + '.layers.backends.san_triton')
+    cls = getattr(package.layers, f'{layer_name.capitalize()}SelfAttention2d')
+    layer = cls(SAN_CHANNELS, SAN_CHANNELS, 3, window_size=SAN_WINDOW, border=border,
+                impl='triton')
+    x = torch.zeros(BATCH, SAN_CHANNELS, *size, requires_grad=True)
+    records, _ = model.record_launches(layer, x, backend, {san_ops: 'resolve_san_backend'},
+                                       dtype=dtype, archs=archs)
+    rows = []
+    for arch, record in itertools.product(archs, records):
+        spec = record['compile'][arch]
+        compiled = model.compile_variant(record['fn'], arch, spec)
+        row = dict(layer='san', arch=f'sm_{arch}', kernel=record['kernel'],
+                   phase=record['phase'], dtype=dtype, san_layer=layer_name, border=border,
+                   size=list(size), variant=compiled['key'],
+                   launch_dtypes=sorted({a['dtype'] for a in record['args'].values()
+                                         if 'dtype' in a}),
+                   num_warps=spec['options'].num_warps, num_stages=spec['options'].num_stages,
+                   maxnreg=spec['options'].maxnreg,
+                   divisible_by_16=model.specialised_names(record['fn'], spec))
+        if 'error' in compiled:
+            rows.append(dict(row, error=compiled['error']))
+        else:
+            rows.append(dict(row, registers=compiled['registers'],
+                             spill_bytes=compiled['stack_bytes'],
+                             shared_bytes=compiled['shared_bytes'],
+                             load_bits=load_widths(compiled['sass']),
+                             compile_s=compiled['compile_s']))
+    return rows
+
+
+def print_row(row: dict, seen: set) -> None:
+    """Print ``row`` unless its kernel variant was printed already."""
+    if (row['arch'], row['variant']) in seen:
+        return  # the same kernel variant as an earlier configuration
+    seen.add((row['arch'], row['variant']))
+    size_text = '{}x{}'.format(*row['size'])
+    if row['layer'] == 'sasa':
+        prefix = (f'{row["arch"]:6} {row["kernel"][:24]:24} {row["dtype"]:9} '
+                  f'{row["head_dim"]:>4} {row["logits"]:6} {size_text:>7} {row["num_warps"]:>5}')
+    else:
+        prefix = (f'{row["arch"]:6} {row["kernel"][:24]:24} {row["dtype"]:9} '
+                  f'{row["san_layer"][:5]:>5} {row["border"]:7} {size_text:>7} '
+                  f'{row["num_warps"]:>5}')
+    if 'error' in row:
+        print(f'{prefix} COMPILE ERROR: {row["error"]}', flush=True)
+        return
+    line = f'{prefix} {row["registers"]:>5} {row["spill_bytes"]:>7} {row["shared_bytes"]:>7}'
+    if row['layer'] == 'san':
+        line += ' {:>10}'.format('/'.join(str(b) for b in row['load_bits']) or '-')
+    print(line, flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--layers', nargs='+', default=list(LAYERS), choices=LAYERS,
+                        help="whose kernels: 'sasa' (LocalSelfAttention2d), 'san' (SAN's "
+                        "pairwise and patchwise layers); default: both")
     parser.add_argument('--arch', type=int, nargs='+', default=[80, 90],
                         choices=sorted(model.GPUS),
                         help='compute capabilities to compile for (default: 80 90)')
-    parser.add_argument('--head-dims', type=int, nargs='+', default=list(HEAD_DIMS))
-    parser.add_argument('--logits', nargs='+', default=list(LOGITS), choices=list(LOGITS))
+    parser.add_argument('--head-dims', type=int, nargs='+', default=list(HEAD_DIMS),
+                        help="SASA's head widths")
+    parser.add_argument('--logits', nargs='+', default=list(LOGITS), choices=list(LOGITS),
+                        help="SASA's logits")
+    parser.add_argument('--san-layers', nargs='+', default=list(SAN_LAYERS), choices=SAN_LAYERS,
+                        help="SAN's layers (default: both)")
+    parser.add_argument('--borders', nargs='+', default=list(BORDERS), choices=BORDERS,
+                        help="SAN's border modes (default: both)")
     parser.add_argument('--dtypes', nargs='+', default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument('--sizes', nargs='+', default=list(SIZES), metavar='HxW',
                         help='map sizes (default: 20x32 20x36, a width divisible by 16 and '
@@ -108,27 +203,28 @@ def main(argv=None) -> int:
 
     import triton
     package = model.import_package(args.source_root)
-    configs = list(itertools.product(args.head_dims, args.logits, args.dtypes, sizes))
-    print(f'triton {triton.__version__}: the layer\'s launches in {len(configs)} '
-          f'configurations, compiled for sm_{args.arch}', flush=True)
-    header = (f'{"arch":6} {"kernel":24} {"dtype":9} {"D":>4} {"logits":6} {"size":>7} '
-              f'{"warps":>5} {"regs":>5} {"spills":>7} {"shared":>7}')
-    print(header)
     rows, seen, start = [], set(), time.time()
-    for head_dim, logits, dtype, size in configs:
-        for row in check(package, args.arch, head_dim, logits, dtype, size):
-            rows.append(row)
-            if (row['arch'], row['variant']) in seen:
-                continue  # the same kernel variant as an earlier configuration
-            seen.add((row['arch'], row['variant']))
-            size_text = '{}x{}'.format(*row['size'])
-            prefix = (f'{row["arch"]:6} {row["kernel"][:24]:24} {dtype:9} {head_dim:>4} '
-                      f'{logits:6} {size_text:>7} {row["num_warps"]:>5}')
-            if 'error' in row:
-                print(f'{prefix} COMPILE ERROR: {row["error"]}', flush=True)
-            else:
-                print(f'{prefix} {row["registers"]:>5} {row["spill_bytes"]:>7} '
-                      f'{row["shared_bytes"]:>7}', flush=True)
+    if 'sasa' in args.layers:
+        configs = list(itertools.product(args.head_dims, args.logits, args.dtypes, sizes))
+        print(f'triton {triton.__version__}: the SASA layer\'s launches in {len(configs)} '
+              f'configurations, compiled for sm_{args.arch}', flush=True)
+        print(f'{"arch":6} {"kernel":24} {"dtype":9} {"D":>4} {"logits":6} {"size":>7} '
+              f'{"warps":>5} {"regs":>5} {"spills":>7} {"shared":>7}')
+        for head_dim, logits, dtype, size in configs:
+            for row in check(package, args.arch, head_dim, logits, dtype, size):
+                rows.append(row)
+                print_row(row, seen)
+    if 'san' in args.layers:
+        configs = list(itertools.product(args.san_layers, args.borders, args.dtypes, sizes))
+        print(f'triton {triton.__version__}: the SAN layers\' launches in {len(configs)} '
+              f'configurations ({SAN_CHANNELS} channels, window {SAN_WINDOW}), compiled for '
+              f'sm_{args.arch}; loads: the global load widths in bits', flush=True)
+        print(f'{"arch":6} {"kernel":24} {"dtype":9} {"layer":>5} {"border":7} {"size":>7} '
+              f'{"warps":>5} {"regs":>5} {"spills":>7} {"shared":>7} {"loads":>10}')
+        for layer_name, border, dtype, size in configs:
+            for row in check_san(package, args.arch, layer_name, border, dtype, size):
+                rows.append(row)
+                print_row(row, seen)
     errors = [r for r in rows if 'error' in r]
     spills = [r for r in rows if r.get('spill_bytes', 0)]
     print(f'{len(seen)} kernel variants ({len(rows)} launches) in {time.time() - start:.0f} s: '

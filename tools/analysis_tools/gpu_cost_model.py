@@ -322,6 +322,51 @@ def describe_args(launch: dict) -> Dict[str, dict]:
     return described
 
 
+def record_launches(layer, x, backend_module, resolvers: Dict[object, str],
+                    dtype: str = 'bfloat16', archs=(90, )):
+    """Every Triton launch of one forward and backward pass of ``layer`` on
+    ``x`` (CPU tensors), specialised for each arch.
+
+    ``resolvers`` maps each module whose backend resolver refuses CPU
+    tensors outside the interpreter to that resolver's name; for the call,
+    the resolver answers 'triton' when asked for it (and defers to itself
+    otherwise), so nothing runs on the tensors but the layer's PyTorch ops
+    and the backend's own. Launches are named 'forward' or 'backward' by
+    the pass they come from (or by ``backend_module``'s ``forward`` and
+    ``backward`` entry points when it has them).
+
+    Returns:
+        tuple: as :func:`layer_launches`.
+    """
+    import torch
+    recorder = LaunchRecorder(backend_module)
+    saved = {module: getattr(module, name) for module, name in resolvers.items()}
+
+    def on_cpu(resolve):
+        def resolve_on_cpu(impl, device, *args, **kwargs):
+            if impl == 'triton':
+                return 'triton'
+            return resolve(impl, device, *args, **kwargs)
+        return resolve_on_cpu
+
+    for module, name in resolvers.items():
+        setattr(module, name, on_cpu(saved[module]))
+    autocast = torch.autocast('cpu', dtype=getattr(torch, dtype), enabled=dtype != 'float32')
+    try:
+        with recorder.active('forward'), autocast:
+            out = layer(x)
+        with recorder.active('backward'):
+            out.float().sum().backward()
+    finally:
+        for module, name in resolvers.items():
+            setattr(module, name, saved[module])
+    if not recorder.launches:
+        raise RuntimeError('the layer launched no Triton kernel: is impl="triton" honoured?')
+    eager = {phase: dict(bytes=recorder.eager_bytes[phase], ops=recorder.eager_ops[phase])
+             for phase in recorder.eager_bytes}
+    return recorder.specialise(list(archs)), eager
+
+
 def layer_launches(package, channels: int, height: int, width: int, heads: int = HEADS,
                    batch: int = BATCH, window: int = WINDOW, dtype: str = 'bfloat16',
                    archs=(90, ), layer_options: Optional[dict] = None):
@@ -329,7 +374,8 @@ def layer_launches(package, channels: int, height: int, width: int, heads: int =
 
     The layer runs on CPU tensors: the operator's check that refuses them
     outside the interpreter is lifted for the call, and nothing executes on
-    them but the projection and the backend's own PyTorch ops.
+    them but the projection and the backend's own PyTorch ops
+    (:func:`record_launches`).
 
     Returns:
         tuple: ``(records, eager)``: one record per launch (kernel, phase,
@@ -348,28 +394,8 @@ def layer_launches(package, channels: int, height: int, width: int, heads: int =
                                                 window_size=window, num_heads=heads,
                                                 impl='triton', **(layer_options or {}))
     x = torch.zeros(batch, channels, height, width, requires_grad=True)
-    recorder = LaunchRecorder(backend)
-    resolve = ops.resolve_backend
-
-    def resolve_on_cpu(impl, device, *args, **kwargs):
-        if impl == 'triton':
-            return 'triton'
-        return resolve(impl, device, *args, **kwargs)
-
-    ops.resolve_backend = resolve_on_cpu
-    autocast = torch.autocast('cpu', dtype=getattr(torch, dtype), enabled=dtype != 'float32')
-    try:
-        with recorder.active('forward'), autocast:
-            out = layer(x)
-        with recorder.active('backward'):
-            out.float().sum().backward()
-    finally:
-        ops.resolve_backend = resolve
-    if not recorder.launches:
-        raise RuntimeError('the layer launched no Triton kernel: is impl="triton" honoured?')
-    eager = {phase: dict(bytes=recorder.eager_bytes[phase], ops=recorder.eager_ops[phase])
-             for phase in recorder.eager_bytes}
-    return recorder.specialise(list(archs)), eager
+    return record_launches(layer, x, backend, {ops: 'resolve_backend'}, dtype=dtype,
+                           archs=archs)
 
 
 # --------------------------------------------------------------------------
