@@ -14,9 +14,9 @@ from sasa_mmdet.layers.san_ops import TRITON_INSTALLED
 LAYERS = [PairwiseSelfAttention2d, PatchwiseSelfAttention2d]
 SKIP_CPP = pytest.mark.skipif(not san_cpu.KERNEL_BUILT, reason='the SAN CPU kernel is not built')
 SKIP_TRITON = pytest.mark.skipif(not TRITON_INSTALLED, reason='triton is not installed')
-# Every impl at every geometry; the Triton kernels (under the interpreter
-# here, tests/conftest.py) at one geometry per border (test_san_ops.py
-# covers the others).
+# Every impl at every geometry; the Triton kernels (on CUDA where there is a
+# GPU, else under the interpreter, tests/conftest.py) at one geometry per
+# border (test_san_ops.py covers the others).
 IMPL_CASES = [
     pytest.param(impl, border, stride, size, marks=[SKIP_CPP] if impl == 'cpp' else [],
                  id=f'{impl}-{border}-s{stride}-{size[0]}x{size[1]}')
@@ -83,11 +83,12 @@ def test_matches_the_official_formula(cls):
 @pytest.mark.parametrize('cls', LAYERS)
 @pytest.mark.parametrize('impl,border,stride,size', IMPL_CASES)
 def test_impls_match_reference_with_every_gradient(cls, impl, border, stride, size):
+    device = 'cuda' if impl == 'triton' and torch.cuda.is_available() else 'cpu'
     reference = _layer(cls, stride=stride, window_size=(5, 3), border=border,
-                       impl='reference')
+                       impl='reference').to(device)
     layer = copy.deepcopy(reference)
     layer.impl = impl
-    x = _input(2, 8, *size)
+    x = _input(2, 8, *size).to(device).detach().requires_grad_()
     expected, out = reference(x), layer(x)
     torch.testing.assert_close(out, expected)
     grad = torch.randn_like(out)

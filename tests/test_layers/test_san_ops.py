@@ -4,6 +4,10 @@ Every backend equals the unfold reference, outputs and every gradient, in
 both border modes, at odd sizes, dilations, and windows larger than the map
 (the mirroring repeats) or a one-pixel axis; ``gradcheck`` and
 ``torch.library.opcheck`` pass for every op and backend.
+
+The Triton backend runs on CUDA tensors where a GPU is visible (compiled
+kernels: tools/gpu_check.sh runs this file there), else on CPU tensors
+under Triton's interpreter (tests/conftest.py); the other backends on CPU.
 """
 import pytest
 import torch
@@ -14,7 +18,8 @@ from sasa_mmdet.layers.san_ops import (TRITON_INSTALLED, resolve_san_backend, sa
                                        san_subtraction_reference, san_unfold_reference)
 from sasa_mmdet.layers.backends import san_cpu
 
-# The Triton kernels run under the interpreter here (tests/conftest.py).
+# The Triton kernels run on CUDA when there is a GPU, else under the
+# interpreter (tests/conftest.py).
 BACKENDS = ['torch', pytest.param('cpp', marks=pytest.mark.skipif(
     not san_cpu.KERNEL_BUILT, reason='the SAN CPU kernel is not built')),
     pytest.param('triton', marks=pytest.mark.skipif(
@@ -26,9 +31,14 @@ GEOMETRIES = [((3, 3), (1, 1), (5, 7)), ((5, 3), (2, 1), (6, 5)), ((7, 7), (1, 1
               ((3, 5), (1, 1), (1, 4))]
 
 
-def _rand(*shape, seed=0):
+def _device(backend: str) -> str:
+    """Where ``backend``'s inputs live: CUDA for Triton when there is a GPU."""
+    return 'cuda' if backend == 'triton' and torch.cuda.is_available() else 'cpu'
+
+
+def _rand(*shape, seed=0, device='cpu'):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
 
 
 def test_reflect_indices():
@@ -54,8 +64,8 @@ def test_reference_matches_reflection_pad_unfold():
 @pytest.mark.parametrize('border', BORDERS)
 @pytest.mark.parametrize('window,dilation,size', GEOMETRIES)
 def test_aggregation_matches_reference(backend, border, window, dilation, size):
-    value = _rand(2, 6, *size)
-    weight = _rand(2, 3, window[0] * window[1], *size, seed=1)
+    value = _rand(2, 6, *size, device=_device(backend))
+    weight = _rand(2, 3, window[0] * window[1], *size, seed=1, device=_device(backend))
     expected = san_aggregation_reference(value, weight, window, dilation, border)
     out = san_aggregation(value, weight, window, dilation, border, backend)
     torch.testing.assert_close(out, expected)
@@ -69,7 +79,8 @@ def test_aggregation_matches_reference(backend, border, window, dilation, size):
 @pytest.mark.parametrize('border', BORDERS)
 @pytest.mark.parametrize('window,dilation,size', GEOMETRIES)
 def test_subtraction_and_gather_match_reference(backend, border, window, dilation, size):
-    x1, x2 = _rand(2, 3, *size), _rand(2, 3, *size, seed=1)
+    x1 = _rand(2, 3, *size, device=_device(backend))
+    x2 = _rand(2, 3, *size, seed=1, device=_device(backend))
     expected = san_subtraction_reference(x1, x2, window, dilation, border)
     out = san_subtraction(x1, x2, window, dilation, border, backend)
     torch.testing.assert_close(out, expected)
@@ -87,7 +98,7 @@ def test_subtraction_and_gather_match_reference(backend, border, window, dilatio
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_same_tensor_subtraction(backend):
     """The pairwise position relation subtracts a map from itself."""
-    p = _rand(1, 2, 4, 5)
+    p = _rand(1, 2, 4, 5, device=_device(backend))
     out = san_subtraction(p, p, (3, 3), (1, 1), 'reflect', backend)
     assert out[:, :, 4].abs().max() == 0  # the centre tap
     expected = san_subtraction_reference(p, p, (3, 3), (1, 1), 'reflect')
@@ -115,23 +126,25 @@ def test_gradcheck(backend, border):
 @pytest.mark.parametrize('border', BORDERS)
 def test_opcheck(backend, border):
     geometry = ((3, 3), (1, 1), border, backend)
-    value, weight = _rand(2, 4, 3, 5), _rand(2, 2, 9, 3, 5, seed=1)
+    device = _device(backend)
+    value, weight = _rand(2, 4, 3, 5, device=device), _rand(2, 2, 9, 3, 5, seed=1, device=device)
     ops = torch.ops.sasa_mmdet
     torch.library.opcheck(ops.san_aggregation.default, (value, weight, *geometry))
     torch.library.opcheck(ops.san_aggregation_backward.default,
-                          (torch.randn(2, 4, 3, 5, dtype=torch.float64), value.detach(),
+                          (_rand(2, 4, 3, 5, seed=4, device=device).detach(), value.detach(),
                            weight.detach(), *geometry))
-    torch.library.opcheck(ops.san_subtraction.default, (_rand(2, 4, 3, 5, seed=2), value,
-                                                        *geometry))
+    torch.library.opcheck(ops.san_subtraction.default,
+                          (_rand(2, 4, 3, 5, seed=2, device=device), value, *geometry))
     torch.library.opcheck(ops.san_gather.default, (value, *geometry))
     torch.library.opcheck(ops.san_gather_backward.default,
-                          (torch.randn(2, 4, 9, 3, 5, dtype=torch.float64), 3, 5, *geometry))
+                          (_rand(2, 4, 9, 3, 5, seed=5, device=device).detach(), 3, 5,
+                           *geometry))
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_float32_and_half_inputs(backend):
-    value = torch.randn(1, 4, 5, 5)
-    weight = torch.rand(1, 2, 9, 5, 5)
+    value = torch.randn(1, 4, 5, 5, device=_device(backend))
+    weight = torch.rand(1, 2, 9, 5, 5, device=_device(backend))
     expected = san_aggregation_reference(value, weight, (3, 3))
     torch.testing.assert_close(san_aggregation(value, weight, (3, 3), impl=backend), expected)
     out = san_aggregation(value.bfloat16(), weight, (3, 3), impl=backend)

@@ -225,6 +225,7 @@ def test_cost_model_refuses_bad_arguments(args, message):
 @pytest.mark.parametrize('args, message', [
     (('--head-dims', '256'), 'between 1 and 128'),
     (('--sizes', '8by8'), 'HxW'),
+    (('--layers', 'natten'), 'invalid choice'),
 ])
 def test_compile_check_refuses_bad_arguments(args, message):
     proc = _tool('check_triton_kernels.py', *args)
@@ -236,9 +237,9 @@ def test_compile_check_refuses_bad_arguments(args, message):
 def test_layer_kernels_compile_for_sm90_without_spills(tmp_path):
     """What CI compiles: the layer's launches at a head width of 16 and a
     width divisible by 16 and one not, for sm_90, exactly specialised."""
-    proc = _tool('check_triton_kernels.py', '--arch', '90', '--head-dims', '16', '--dtypes',
-                 'bfloat16', '--logits', 'qk+qr', '--sizes', '12x16', '12x20', '--json',
-                 str(tmp_path / 'kernels.json'))
+    proc = _tool('check_triton_kernels.py', '--layers', 'sasa', '--arch', '90', '--head-dims',
+                 '16', '--dtypes', 'bfloat16', '--logits', 'qk+qr', '--sizes', '12x16', '12x20',
+                 '--json', str(tmp_path / 'kernels.json'))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert '0 compile errors, 0 with register spills' in proc.stdout
     rows = json.loads((tmp_path / 'kernels.json').read_text())['rows']
@@ -246,6 +247,35 @@ def test_layer_kernels_compile_for_sm90_without_spills(tmp_path):
     assert {tuple(r['size']) for r in rows} == {(12, 16), (12, 20)}
     assert {r['phase'] for r in rows} == {'forward', 'backward'}
     assert all(r['registers'] > 0 and r['spill_bytes'] == 0 for r in rows)
+    assert {r['layer'] for r in rows} == {'sasa'}
+
+
+SAN_KERNELS = {'_aggregation_fwd', '_aggregation_bwd_weight', '_aggregation_bwd_value',
+               '_gather_fwd', '_gather_bwd'}
+
+
+@pytest.mark.slow
+@needs_ptxas
+def test_san_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
+    """SAN's pairwise and patchwise layers with impl='triton', in both
+    border modes, forward and backward: every kernel they launch compiles
+    for sm_80 and sm_90, exactly specialised, without spills, at a width
+    divisible by 16 and one not; the SASS's load widths are reported."""
+    proc = _tool('check_triton_kernels.py', '--layers', 'san', '--arch', '80', '90', '--dtypes',
+                 'bfloat16', '--sizes', '12x16', '12x20', '--json', str(tmp_path / 'san.json'))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert '0 compile errors, 0 with register spills' in proc.stdout
+    rows = json.loads((tmp_path / 'san.json').read_text())['rows']
+    assert {r['layer'] for r in rows} == {'san'}
+    assert {r['kernel'] for r in rows} == SAN_KERNELS
+    assert {r['arch'] for r in rows} == {'sm_80', 'sm_90'}
+    assert {(r['san_layer'], r['border']) for r in rows} == {
+        (layer, border) for layer in ('pairwise', 'patchwise') for border in ('reflect', 'mask')}
+    assert {tuple(r['size']) for r in rows} == {(12, 16), (12, 20)}
+    assert {r['phase'] for r in rows} == {'forward', 'backward'}
+    assert all(r['registers'] > 0 and r['spill_bytes'] == 0 for r in rows)
+    # every kernel reads global memory; widths are bits per thread
+    assert all(r['load_bits'] and set(r['load_bits']) <= {16, 32, 64, 128} for r in rows)
 
 
 @pytest.mark.slow
