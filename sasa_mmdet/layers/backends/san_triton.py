@@ -72,7 +72,10 @@ def _aggregation_fwd(value, weight, out, channels, weight_channels, height, widt
         src_col, col_ok = _source(col + (t % kw) * dw - left, width, REFLECT)
         exists = ok & (row_ok & col_ok)[None, :]
         v = tl.load(v_base + (src_row * width + src_col)[None, :], mask=exists, other=0.0)
-        w = tl.load(w_base + t * plane + (row * width + col)[None, :], mask=exists, other=0.0)
+        # the weight at the tile's own pixels: masked by the tile alone (an
+        # absent tap's value is 0, as in the reference), so the load is
+        # vectorised where rows are aligned
+        w = tl.load(w_base + t * plane + (row * width + col)[None, :], mask=ok, other=0.0)
         acc += v.to(ACC) * w.to(ACC)
     tl.store(out + (b * channels + c[:, None]).to(tl.int64) * plane +
              (row * width + col)[None, :], acc.to(out.dtype.element_ty), mask=ok)
@@ -95,7 +98,7 @@ def _aggregation_bwd_weight(grad_out, value, grad_weight, channels, weight_chann
         acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), dtype=ACC)
         for c0 in range(0, channels, weight_channels):
             base = (b * channels + c0 + cw[:, None]).to(tl.int64) * plane
-            go = tl.load(grad_out + base + pixel, mask=exists, other=0.0)
+            go = tl.load(grad_out + base + pixel, mask=ok, other=0.0)  # unshifted: as w above
             v = tl.load(value + base + (src_row * width + src_col)[None, :], mask=exists,
                         other=0.0)
             acc += go.to(ACC) * v.to(ACC)
