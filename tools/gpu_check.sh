@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One short, prepared run on a machine with an NVIDIA GPU: the Triton
-# kernels' tests on CUDA (compiled, no interpreter), the layer benchmark
+# kernels' tests on CUDA (compiled, no interpreter), SASA's and SAN's, the layer benchmark
 # beside cuDNN's convolution at the ResNet-50/FPN/head shapes of a 640x640
 # batch of 8 with both width specialisations (W % 16 == 0 and not: W=80 and
-# W=84, ...), and the static cost model's predictions beside the measured
-# times (calibration.md). Everything goes to one folder; the steps share a
+# W=84, ...), the static cost model's predictions beside the measured
+# times (calibration.md), and SAN's Triton operators timed beside their
+# PyTorch path. Everything goes to one folder; the steps share a
 # budget of 570 s (under 10 minutes on an H100), later optional steps are
 # skipped when it runs out.
 #
@@ -17,7 +18,7 @@
 # machines' Python 3.12, torch 2.11+cu130, triton 3.6). mmengine, pytest and
 # their pure-Python dependencies are taken from build/gpu_wheels/ when they
 # are not installed (a GPU node without a package registry: fetch the wheels
-# elsewhere, copy the folder along). mmdet and mmcv are optional (step 8):
+# elsewhere, copy the folder along). mmdet and mmcv are optional (step 10):
 # the layer and its kernels use neither. PYTHON picks the interpreter (default: python3).
 #
 # Steps (budget in seconds, each also bounded by what is left):
@@ -30,11 +31,16 @@
 #   5. the cost model's predictions (docs/benchmarks/gpu_cost_model.json,
 #      sm_90) beside every measured shape                           -> calibration.md/.json
 #   6. the GPU targets, met or not                                -> targets.md
-#   7. optional, if at least 60 s are left: FlexAttention peer, bf16 -> benchmark-flex/
-#   8. optional, with mmdet and mmcv's CUDA ops and 120 s left: a training
+#   7. SAN's Triton ops and layers against the reference on CUDA
+#      (tests/test_layers/test_san_ops.py, test_san_attention.py, -k triton) (50)
+#                                                                   -> san_tests.log/.xml
+#   8. SAN's ops, Triton beside PyTorch, forward and forward+backward,
+#      batch 8, 256 channels, 80x80, window 7, bf16 (40)             -> san_ops.md/.json
+#   9. optional, if at least 60 s are left: FlexAttention peer, bf16 -> benchmark-flex/
+#  10. optional, with mmdet and mmcv's CUDA ops and 120 s left: a training
 #      step of each Table 2 model, bf16                              -> benchmark-models/
-# gpu_check.log has all of it as it ran. Exit status: 0 when the tests and
-# the main benchmark passed.
+# gpu_check.log has all of it as it ran. Exit status: 0 when the tests
+# (SASA's and SAN's) and the main benchmark passed.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -89,6 +95,9 @@ run() {
 }
 
 BENCH=(tools/benchmark.py --device cuda --dtypes bfloat16)
+SAN_TESTS=(tests/test_layers/test_san_ops.py tests/test_layers/test_san_attention.py -k triton)
+SAN_TIMING=(tools/analysis_tools/san_op_timing.py --shape 8,256,80,80 --window 7
+            --dtype bfloat16 --repeats 10)
 if (( DRY )); then
   say "dry run: the steps tools/gpu_check.sh would run (outputs in $OUT_DIR)"
   run 150 "$PY" -m pytest tests/test_layers/test_triton_kernels.py -m 'not slow' -q
@@ -99,9 +108,11 @@ if (( DRY )); then
   run 20 "$PY" tools/analysis_tools/gpu_cost_model.py --model-json "$MODEL_JSON" \
     --calibrate "$OUT_DIR/benchmark/benchmark.json" "$OUT_DIR/benchmark-wflip/benchmark.json" \
     --out "$OUT_DIR"
+  run 50 "$PY" -m pytest "${SAN_TESTS[@]}" -q
+  run 40 "$PY" "${SAN_TIMING[@]}" --out "$OUT_DIR"
   run 90 "$PY" "${BENCH[@]}" --repeats 5 --impls triton flex --preset resnet50-640 \
     --preset fpn-head-640 --out "$OUT_DIR/benchmark-flex"
-  echo "(step 8 only with mmdet and mmcv's CUDA ops:)"
+  echo "(step 10 only with mmdet and mmcv's CUDA ops:)"
   echo "+ timeout 110 $PY ${BENCH[*]} --models --no-layers --repeats 3 --out $OUT_DIR/benchmark-models"
   exit 0
 fi
@@ -194,23 +205,33 @@ for r in rows:
           f"| {r['memory_ratio']:.2f} |")
 PY
 
+say "7. SAN's Triton ops and layers against the reference, on CUDA (no interpreter)"
+TRITON_INTERPRET=0 run 50 "$PY" -m pytest "${SAN_TESTS[@]}" -q -p no:cacheprovider \
+  --junitxml "$OUT_DIR/san_tests.xml" 2>&1 | tee "$OUT_DIR/san_tests.log"
+SAN_TESTS_RC=${PIPESTATUS[0]}
+say "SAN tests exit code $SAN_TESTS_RC ($(left) s left)"
+
+say "8. SAN's ops, bf16: Triton beside the PyTorch path at batch 8, 256 channels, 80x80"
+TRITON_INTERPRET=0 run 40 "$PY" "${SAN_TIMING[@]}" --out "$OUT_DIR"
+say "SAN timing exit code $? ($(left) s left)"
+
 if (( $(left) >= 60 )); then
-  say "7. benchmark, bf16: FlexAttention peer (exact SASA mask and q.r) at the 640 shapes"
+  say "9. benchmark, bf16: FlexAttention peer (exact SASA mask and q.r) at the 640 shapes"
   run 90 "$PY" "${BENCH[@]}" --repeats 5 --impls triton flex --preset resnet50-640 \
     --preset fpn-head-640 \
     --out "$OUT_DIR/benchmark-flex"
   say "flex benchmark exit code $?"
 else
-  say "7. FlexAttention peer skipped ($(left) s left)"
+  say "9. FlexAttention peer skipped ($(left) s left)"
 fi
 
 if "$PY" -c 'import mmdet, mmcv.ops' 2>/dev/null && (( $(left) >= 120 )); then
-  say "8. benchmark, bf16: a training step of each Table 2 model (mmdet and mmcv are here)"
+  say "10. benchmark, bf16: a training step of each Table 2 model (mmdet and mmcv are here)"
   run 110 "$PY" "${BENCH[@]}" --models --no-layers --repeats 3 --out "$OUT_DIR/benchmark-models"
   say "model benchmark exit code $?"
 else
-  say "8. model training steps skipped (needs mmdet and mmcv's CUDA ops, and 120 s; $(left) s left)"
+  say "10. model training steps skipped (needs mmdet and mmcv's CUDA ops, and 120 s; $(left) s left)"
 fi
 
 say "done in $((SECONDS - START)) s; outputs in $OUT_DIR"
-[[ $TESTS_RC -eq 0 && $BENCH_RC -eq 0 ]]
+[[ $TESTS_RC -eq 0 && $SAN_TESTS_RC -eq 0 && $BENCH_RC -eq 0 ]]

@@ -381,9 +381,22 @@ def test_gpu_check_script_parses_and_plans_both_widths():
     assert any('--preset resnet50-640-wflip --preset fpn-head-640-wflip' in s for s in steps)
     calibration = next(s for s in steps if '--calibrate' in s)
     assert 'benchmark/benchmark.json' in calibration and 'benchmark-wflip' in calibration
+    # SAN's Triton tests on CUDA, then its ops timed beside the PyTorch path
+    assert 'tests/test_layers/test_san_ops.py' in steps[4] and '-k triton' in steps[4]
+    assert 'san_op_timing.py' in steps[5] and '--shape 8,256,80,80' in steps[5]
     # The required steps' budgets fit the 10 minutes with room for set-up;
     # the optional ones run on what is left.
-    assert sum(int(s.split()[2]) for s in steps[:4]) <= 570
-    assert any('--impls triton flex' in s for s in steps[4:])
+    assert sum(int(s.split()[2]) for s in steps[:6]) <= 570
+    assert any('--impls triton flex' in s for s in steps[6:])
     bad = subprocess.run(['bash', script, '--bogus'], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and 'unknown option' in bad.stderr
+
+
+def test_san_op_timing_needs_a_gpu_and_checks_its_arguments(tmp_path):
+    proc = _tool('san_op_timing.py', '--shape', '8,256,80')
+    assert proc.returncode == 2 and 'B,C,H,W' in proc.stderr
+    proc = _tool('san_op_timing.py', '--shape', '1,12,8,8', '--share-planes', '8')
+    assert proc.returncode == 2 and 'must divide the channels' in proc.stderr
+    if not torch.cuda.is_available():
+        proc = _tool('san_op_timing.py', '--out', str(tmp_path))
+        assert proc.returncode == 2 and 'needs a CUDA GPU' in proc.stderr
