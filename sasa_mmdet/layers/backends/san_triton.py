@@ -18,8 +18,15 @@ writes where another does (no atomics): the gradient of the padded value
 padding back onto the pixels it mirrors (or drops it, 'mask').
 
 Verified against the reference under the interpreter
-(``tests/test_layers/test_san_triton.py``); not yet run, timed or compiled
-for sm_80/sm_90 on a GPU.
+(``tests/test_layers/test_san_ops.py``, ``test_san_attention.py``; on CUDA
+tensors where a GPU is visible, as ``tools/gpu_check.sh`` runs them).
+Every kernel, as the layers launch it, compiles for sm_80 and sm_90
+without spills (``tools/analysis_tools/check_triton_kernels.py --layers
+san``; table in ``docs/san.md``). Loads at a tile's own pixels are
+vectorised when the width is divisible by 16; the shifted taps' loads are
+scalar (their column offsets are unaligned in the planar layout, and the
+border mode computes their source per pixel). Not yet run or timed on a
+GPU.
 """
 import triton
 import triton.language as tl
