@@ -3,7 +3,7 @@ GPUs, on a machine without one, and report registers, spills and shared
 memory.
 
     python tools/analysis_tools/check_triton_kernels.py [--layers sasa san]
-        [--arch 80 90] [--dtypes float32 bfloat16 float16] [--sizes 20x32 20x36]
+        [--arch 80 90] [--dtypes tf32 bfloat16 float16 float32] [--sizes 20x32 20x36]
         [--head-dims 8 16 32 64 128] [--logits qk+qr qr qk]     # SASA's
         [--san-layers pairwise patchwise] [--borders reflect mask]  # SAN's
         [--json FILE]
@@ -57,7 +57,12 @@ HEAD_DIMS = (8, 16, 32, 64, 128)
 LOGITS = {'qk+qr': dict(position_encoding='relative', logits='qk+qr'),
           'qr': dict(position_encoding='relative', logits='qr'),
           'qk': dict(position_encoding='none', logits='qk+qr')}
-DTYPES = ('float32', 'bfloat16', 'float16')
+# Input dtypes. 'tf32': float32 inputs with torch.set_float32_matmul_precision('high')
+# (one tf32 product per float32 product); 'float32': with the default 'highest'
+# (three tf32 products: float32 accuracy, and register spills at every head width).
+DTYPES = ('tf32', 'bfloat16', 'float16', 'float32')
+SASA_DTYPES = ('tf32', 'bfloat16', 'float16')  # the default: the fast modes
+SAN_DTYPES = ('float32', 'bfloat16', 'float16')  # SAN's kernels have no products
 SIZES = ('20x32', '20x36')
 BATCH = 2
 LAYERS = ('sasa', 'san')
@@ -79,9 +84,16 @@ def parse_size(text: str) -> tuple:
 
 def check(package, archs, head_dim: int, logits: str, dtype: str, size: tuple) -> list:
     """One row per distinct compiled kernel variant of this configuration."""
+    import torch
     channels = head_dim * model.HEADS
-    records, _ = model.layer_launches(package, channels, *size, batch=BATCH, dtype=dtype,
-                                      archs=archs, layer_options=LOGITS[logits])
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('high' if dtype == 'tf32' else 'highest')
+    try:
+        records, _ = model.layer_launches(package, channels, *size, batch=BATCH,
+                                          dtype='float32' if dtype == 'tf32' else dtype,
+                                          archs=archs, layer_options=LOGITS[logits])
+    finally:
+        torch.set_float32_matmul_precision(precision)
     rows = []
     for arch, record in itertools.product(archs, records):
         compiled = model.compile_variant(record['fn'], arch, record['compile'][arch])
@@ -185,7 +197,11 @@ def main(argv=None) -> int:
                         help="SAN's layers (default: both)")
     parser.add_argument('--borders', nargs='+', default=list(BORDERS), choices=BORDERS,
                         help="SAN's border modes (default: both)")
-    parser.add_argument('--dtypes', nargs='+', default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument('--dtypes', nargs='+', choices=list(DTYPES),
+                        help=f"input dtypes (default: SASA {' '.join(SASA_DTYPES)}; SAN "
+                        f"{' '.join(SAN_DTYPES)}); tf32: float32 inputs with "
+                        "torch.set_float32_matmul_precision('high'), float32: with 'highest' "
+                        "(float32 accuracy; SASA's kernels then spill registers)")
     parser.add_argument('--sizes', nargs='+', default=list(SIZES), metavar='HxW',
                         help='map sizes (default: 20x32 20x36, a width divisible by 16 and '
                         'one not)')
@@ -205,7 +221,8 @@ def main(argv=None) -> int:
     package = model.import_package(args.source_root)
     rows, seen, start = [], set(), time.time()
     if 'sasa' in args.layers:
-        configs = list(itertools.product(args.head_dims, args.logits, args.dtypes, sizes))
+        dtypes = args.dtypes or SASA_DTYPES
+        configs = list(itertools.product(args.head_dims, args.logits, dtypes, sizes))
         print(f'triton {triton.__version__}: the SASA layer\'s launches in {len(configs)} '
               f'configurations, compiled for sm_{args.arch}', flush=True)
         print(f'{"arch":6} {"kernel":24} {"dtype":9} {"D":>4} {"logits":6} {"size":>7} '
@@ -215,7 +232,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print_row(row, seen)
     if 'san' in args.layers:
-        configs = list(itertools.product(args.san_layers, args.borders, args.dtypes, sizes))
+        dtypes = [d for d in args.dtypes or SAN_DTYPES if d != 'tf32']  # same as float32
+        configs = list(itertools.product(args.san_layers, args.borders, dtypes, sizes))
         print(f'triton {triton.__version__}: the SAN layers\' launches in {len(configs)} '
               f'configurations ({SAN_CHANNELS} channels, window {SAN_WINDOW}), compiled for '
               f'sm_{args.arch}; loads: the global load widths in bits', flush=True)

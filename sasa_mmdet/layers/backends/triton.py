@@ -17,7 +17,10 @@ extra products over the halo cost less than gathering each query's own
 window would. With dilation ``(dh, dw)`` a tile takes queries on one
 sub-lattice (rows ``= r mod dh``, columns ``= c mod dw``), whose neighbours
 lie on the same sub-lattice: dilated attention is dense attention on a
-subsampled grid, at the same cost. Four warps per program, one stage.
+subsampled grid, at the same cost. Four warps per program, one stage;
+at head widths of 32 and more the backward query and tables kernels run
+eight, and the tables kernel walks its halo a row at a time
+(:func:`kernel_config`): otherwise they spill registers.
 
 The q.r term and the mask. ``A = Q @ RowT`` and ``B = Q @ ColT``
 (``RowT[d, t] = rel_row[t, n, d]`` on the row part of the channels,
@@ -58,7 +61,11 @@ Products with a float32 operand split it into high and low parts: the
 one-hot products into two tf32 products (exact one-hot, about 2^-21 of the
 terms), products with the tables into half-precision (or bfloat16) parts,
 float32 inputs into three tf32 products (``_dot_f32``: ``tf32x3``'s
-accuracy in fewer registers than Triton's lowering of it). In half
+accuracy in fewer registers than Triton's lowering of it), or, when torch
+allows tf32 for float32 matrix products
+(``torch.set_float32_matmul_precision('high')`` or ``'medium'``), one tf32
+product each (``PRODUCTS == 2``: 10-bit mantissas, as cuDNN's tf32
+convolutions; the one-hot products too). In half
 precision the tables kernel adds its share to a dQ already rounded to the
 input dtype (one more rounding). Loads inside the halo loops are not
 masked (addresses clamped to the image, channels to the head width): what
@@ -78,10 +85,12 @@ the planar ``(B, N, D, H, W)`` layout the projection writes are not
 aligned, so nothing is vectorised, and no ``cp.async``/TMA); the halo of a
 3 x 3 window wastes most of its products; the halo blocks are not
 software-pipelined; the kernels use up to 255 registers (two programs per
-SM); the tables kernel spills registers at head widths 64 and 128, and
-on sm_80 more kernels do (tools/analysis_tools/check_triton_kernels.py reports
-which); the key kernel runs mma.sync (HMMA), not wgmma, at head widths 64
-and 128 (its query blocks are then under 64 rows).
+SM). No kernel spills registers in bfloat16, float16 or tf32 at head widths
+up to 64 on sm_80 and sm_90; at 128 the tables kernel does on sm_90, and
+float32 at full accuracy (three products each) spills at every width
+(tools/analysis_tools/check_triton_kernels.py reports which). The key
+kernel runs mma.sync (HMMA), not wgmma, at head widths 64 and 128 (its
+query blocks are then under 64 rows).
 
 ``TRITON_INTERPRET=1`` set before import runs the kernels on CPU tensors.
 The interpreter computes ``tl.dot`` on bfloat16 wrongly (Triton 3.8), so
@@ -104,6 +113,10 @@ HALO_ELEMENTS = 2048  # BLOCK_H x BLOCK_W x (padded head width) at most: the loa
 # address every element (the planar layout's rows are not aligned, so they
 # are not vectorised), and more in flight spill registers.
 LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
+# Head widths of 32 and more: the backward query and tables kernels run 8
+# warps (half the registers per thread for the same tiles) and the tables
+# kernel walks its halo a row at a time; otherwise they spill registers.
+WIDE_HEAD = 32
 # The tables kernel's programs each take tiles one above the other (up to a
 # whole column of them), so that their partial sums of the tables' gradient
 # take about this many bytes at most (more only when one program per column
@@ -121,6 +134,21 @@ _RUNTIME_INTS = ['H', 'W', 'N', 'D', 'DV', 'DR', 'KH', 'KW', 'DH', 'DW', 'tile_r
 def _jit(fn):
     names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
     return triton.jit(fn, do_not_specialize=[n for n in names if n in _RUNTIME_INTS])
+
+
+def kernel_config(kernel: str, head_dim: int, value_dim: int, window=(7, 7),
+                  element_size: int = 2) -> tuple:
+    """``(constexprs, options)`` of ``kernel`` at these head widths: the
+    :func:`block_config` and ``LAUNCH_OPTIONS``, adjusted at wide heads
+    (``WIDE_HEAD``)."""
+    blocks = block_config(head_dim, value_dim, window, element_size)
+    options = dict(LAUNCH_OPTIONS)
+    if max(blocks['BLOCK_D'], blocks['BLOCK_DV']) >= WIDE_HEAD:
+        if kernel in ('_backward_query_kernel', '_backward_tables_kernel'):
+            options['num_warps'] = 8
+        if kernel == '_backward_tables_kernel':
+            blocks['BLOCK_H'] = 1
+    return blocks, options
 
 
 def block_config(head_dim: int, value_dim: int, window=(7, 7), element_size: int = 2) -> dict:
@@ -145,14 +173,15 @@ def block_config(head_dim: int, value_dim: int, window=(7, 7), element_size: int
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
+def _dot(a, b, PRODUCTS: tl.constexpr):
     """``a @ b`` with a float32 accumulator: half-precision operands as they
-    are, float32 ones to float32 accuracy (:func:`_dot_f32`); ``UPCAST``
-    under the interpreter, whose bfloat16 products are wrong."""
-    if UPCAST:
+    are, float32 ones as :func:`_dot_f32` makes them. ``PRODUCTS``: 0
+    (exact), 1 (under the interpreter, whose bfloat16 products are wrong:
+    operands upcast) or 2 (float32 operands as one tf32 product)."""
+    if PRODUCTS == 1:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     elif a.dtype == tl.float32:
-        return _dot_f32(a, b)
+        return _dot_f32(a, b, PRODUCTS)
     else:
         return tl.dot(a, b)
 
@@ -164,10 +193,13 @@ def _tf32_high(a):
 
 
 @triton.jit
-def _dot_f32(a, b):
+def _dot_f32(a, b, PRODUCTS: tl.constexpr):
     """``a @ b`` of float32 operands to about float32 accuracy, as three tf32
     products of their high and low parts (what ``tf32x3`` does, in fewer
-    registers than Triton's lowering of it)."""
+    registers than Triton's lowering of it); one tf32 product (10-bit
+    mantissas) with ``PRODUCTS == 2``."""
+    if PRODUCTS == 2:
+        return tl.dot(a, b, input_precision='tf32')
     a_high = _tf32_high(a)
     b_high = _tf32_high(b)
     return (tl.dot(a_high, b_high, input_precision='tf32')
@@ -176,11 +208,13 @@ def _dot_f32(a, b):
 
 
 @triton.jit
-def _dot_one_hot(a, one_hot):
+def _dot_one_hot(a, one_hot, PRODUCTS: tl.constexpr):
     """``a @ one_hot`` for float32 ``a`` and a 0/1 matrix, to about 2^-21 of
     ``a``: two tf32 products, of ``a`` cut to tf32 (exact) and of the rest
     (cheaper in registers and instructions than ``tf32x3``, which also
     splits the exact one-hot operand)."""
+    if PRODUCTS == 2:
+        return tl.dot(a, one_hot, input_precision='tf32')
     high = _tf32_high(a)
     return (tl.dot(high, one_hot, input_precision='tf32')
             + tl.dot(a - high, one_hot, input_precision='tf32'))
@@ -245,16 +279,16 @@ def _store(base, tile, y, x, ok, channels, C, sc, sh):
 
 @triton.jit
 def _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-            TRANSPOSE: tl.constexpr = False):
-    """``RowT, ColT`` ``(BLOCK_D, BLOCK_T)`` float32 of head n: ``RowT[d, t] =
-    rel_row[t, n, d]`` for the row channels ``d < DR``, ``ColT[d, t] =
-    rel_col[t, n, d - DR]`` for the column channels; zeros elsewhere.
-    ``(BLOCK_T, BLOCK_D)`` with ``TRANSPOSE``."""
+            TRANSPOSE: tl.constexpr = False, d0=0):
+    """``RowT, ColT`` ``(BLOCK_D, BLOCK_T)`` float32 of head n, channels
+    ``d0 + i``: ``RowT[i, t] = rel_row[t, n, d]`` for the row channels ``d <
+    DR``, ``ColT[i, t] = rel_col[t, n, d - DR]`` for the column channels;
+    zeros elsewhere. ``(BLOCK_T, BLOCK_D)`` with ``TRANSPOSE``."""
     if TRANSPOSE:
-        d = tl.arange(0, BLOCK_D)[None, :]
+        d = d0 + tl.arange(0, BLOCK_D)[None, :]
         t = tl.arange(0, BLOCK_T)[:, None]
     else:
-        d = tl.arange(0, BLOCK_D)[:, None]
+        d = d0 + tl.arange(0, BLOCK_D)[:, None]
         t = tl.arange(0, BLOCK_T)[None, :]
     row = tl.load(RR + (t * N + n) * DR + d, mask=(d < DR) & (t < KH), other=0.0)
     col = tl.load(RC + (t * N + n) * (D - DR) + (d - DR), mask=(d >= DR) & (d < D) & (t < KW),
@@ -263,33 +297,33 @@ def _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D: tl.constexpr, BLOCK_T: tl.cons
 
 
 @triton.jit
-def _dot_exact_by_f32(x, b, UPCAST: tl.constexpr):
+def _dot_exact_by_f32(x, b, PRODUCTS: tl.constexpr):
     """``x @ b`` for ``x`` exact in its dtype and float32 ``b``: float32
     ``x`` by :func:`_dot_f32`, half-precision ``x`` by two half-precision
     products, with the high and low parts of ``b`` (16 or more bits)."""
     if x.dtype == tl.float32:
-        return _dot_f32(x, b)
+        return _dot_f32(x, b, PRODUCTS)
     else:
         high = b.to(x.dtype)
-        return _dot(x, high, UPCAST) + _dot(x, (b - high.to(tl.float32)).to(x.dtype), UPCAST)
+        return _dot(x, high, PRODUCTS) + _dot(x, (b - high.to(tl.float32)).to(x.dtype), PRODUCTS)
 
 
 @triton.jit
-def _dot_f32_by_bf16(a, b, UPCAST: tl.constexpr):
+def _dot_f32_by_bf16(a, b, PRODUCTS: tl.constexpr):
     """``a @ b`` of float32 operands to about 2^-16, as three bfloat16
     products of their high and low parts (bfloat16: float32's range)."""
     a_high = a.to(tl.bfloat16)
     b_high = b.to(tl.bfloat16)
     a_low = (a - a_high.to(tl.float32)).to(tl.bfloat16)
     b_low = (b - b_high.to(tl.float32)).to(tl.bfloat16)
-    return _dot(a_high, b_high, UPCAST) + _dot(a_high, b_low, UPCAST) + _dot(a_low, b_high,
-                                                                               UPCAST)
+    return _dot(a_high, b_high, PRODUCTS) + _dot(a_high, b_low, PRODUCTS) + _dot(a_low, b_high,
+                                                                               PRODUCTS)
 
 
 @triton.jit
-def _relative_terms(q, row_table, col_table, UPCAST: tl.constexpr):
+def _relative_terms(q, row_table, col_table, PRODUCTS: tl.constexpr):
     """``(A, B)``: each query's q.r terms per tap row and per tap column."""
-    return _dot_exact_by_f32(q, row_table, UPCAST), _dot_exact_by_f32(q, col_table, UPCAST)
+    return _dot_exact_by_f32(q, row_table, PRODUCTS), _dot_exact_by_f32(q, col_table, PRODUCTS)
 
 
 @triton.jit
@@ -332,7 +366,7 @@ def _shifted(terms, first, q_first, q_ok, r, extent, dilation, lines, TAPS,
 
 @triton.jit
 def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr,
-            HAS_KEY: tl.constexpr, UPCAST: tl.constexpr):
+            HAS_KEY: tl.constexpr, PRODUCTS: tl.constexpr):
     """Logits ``(queries, ROWS * COLS keys)`` in log2 units of a key block
     whose rows (columns) are lines ``row0..`` (``col0..``) of ``rows``
     (``cols``), the queries' q.r terms and mask per line
@@ -341,10 +375,10 @@ def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexp
     logit below -1e30: its weight is exactly 0 (``exp2`` of it minus any
     finite maximum underflows)."""
     LINES: tl.constexpr = rows.shape[1]
-    s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False))
-    s += _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False))
+    s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False), PRODUCTS)
+    s += _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS)
     if HAS_KEY:
-        s += _dot(q, kT, UPCAST)
+        s += _dot(q, kT, PRODUCTS)
     return s * 1.4426950408889634
 
 
@@ -363,7 +397,7 @@ def _per_tap(lines, q_first, first, TAPS, BLOCK_T: tl.constexpr):
 @triton.jit
 def _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W, DH, DW, KH, KW,
                 TILE_H: tl.constexpr, TILE_W: tl.constexpr, HAS_REL: tl.constexpr,
-                UPCAST: tl.constexpr,
+                PRODUCTS: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
     """The tile's q.r terms and mask on the rows and columns of its halo
     (from ``top``, ``left``): ``(queries, BLOCK_HALO)`` each."""
@@ -371,7 +405,7 @@ def _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W, D
     b_col = tl.zeros([TILE_H * TILE_W, BLOCK_T], tl.float32)
     if HAS_REL:
         row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T)
-        a_row, b_col = _relative_terms(q, row_table, col_table, UPCAST)
+        a_row, b_col = _relative_terms(q, row_table, col_table, PRODUCTS)
     rows = _shifted(a_row, top, qy, q_ok, ry, H, DH, TILE_H + KH - 1, KH, BLOCK_HALO, HAS_REL,
                     BLOCK_T)
     cols = _shifted(b_col, left, qx, q_ok, rx, W, DW, TILE_W + KW - 1, KW, BLOCK_HALO, HAS_REL,
@@ -404,7 +438,7 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
                     sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
                     sob, son, soc, soh,
                     H, W, N, D, DV, DR, KH, KW, DH, DW,
-                    HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
+                    HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
                     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -427,7 +461,7 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
     top = sy0 - (KH - 1) // 2
     left = sx0 - (KW - 1) // 2
     rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W,
-                             DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, UPCAST, BLOCK_D, BLOCK_T,
+                             DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, PRODUCTS, BLOCK_D, BLOCK_T,
                              BLOCK_HALO)
     for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
         hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
@@ -436,13 +470,13 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
         kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
         if HAS_KEY:
             kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
-        s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, UPCAST)
+        s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
         v = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, False, False)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         scale = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         denom = denom * scale + tl.sum(p, axis=1)
-        acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, PRODUCTS)
         m = m_new
     denom = tl.where(denom > 0, denom, 1.0)  # only pixels outside the image have 0
     _store(OUT + b * sob + n * son, acc / denom[:, None], y, x, q_ok, dv, DV, soc, soh)
@@ -455,10 +489,10 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
 
 @triton.jit
 def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.constexpr,
-                    UPCAST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                    PRODUCTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``."""
-    s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, UPCAST)
-    return tl.exp2(s - lse[:, None]), _dot(dout, vT, UPCAST)
+    s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
+    return tl.exp2(s - lse[:, None]), _dot(dout, vT, PRODUCTS)
 
 
 @_jit
@@ -466,7 +500,7 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
                            sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
                            sgb, sgn, sgc, sgh, sob, son, soc, soh,
                            H, W, N, D, DV, DR, KH, KW, DH, DW,
-                           HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
+                           HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
                            TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -489,7 +523,7 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
     top = sy0 - (KH - 1) // 2
     left = sx0 - (KW - 1) // 2
     rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W,
-                             DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, UPCAST, BLOCK_D,
+                             DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, PRODUCTS, BLOCK_D,
                              BLOCK_T, BLOCK_HALO)
     delta = tl.zeros([TILE_H * TILE_W], tl.float32)
     for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
@@ -500,7 +534,7 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
         if HAS_KEY:
             kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
         vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
-        p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, UPCAST,
+        p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                 BLOCK_H, BLOCK_W)
         delta += tl.sum(p * dp, axis=1)
     tl.store(DELTA + (bn * H + y) * W + x, delta, mask=q_ok)
@@ -512,10 +546,10 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
                                                  BLOCK_H, BLOCK_W)
             kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
             vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
-            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, UPCAST,
+            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(kT.dtype), tl.trans(kT), UPCAST)
+            dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS)
     _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh)
 
 
@@ -524,7 +558,7 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
                             sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
                             sgb, sgn, sgc, sgh, sob, son, soc, soh,
                             H, W, N, D, DV, DR, KH, KW, DH, DW, tile_rows,
-                            HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
+                            HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
                             TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -535,6 +569,7 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
     column, shifted to each query's taps (``dA``, ``dB``), then
     ``dq += dA @ RowT^T + dB @ ColT^T`` and ``DREL[program] += Q^T @ [dA |
     dB]`` as ``(BLOCK_D, 2 * BLOCK_T)``."""
+    BLOCK_DQ: tl.constexpr = 32 if BLOCK_D > 32 else BLOCK_D
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
     n = bn % N
@@ -552,10 +587,11 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
     # This program's partial sums of the tables' gradient, kept in memory
     # between tiles (not in registers): (BLOCK_D, 2 * BLOCK_T).
     t = tl.arange(0, BLOCK_T)[None, :]
-    partial = (DREL + (bn * tl.num_programs(0) + pid) * BLOCK_D * 2 * BLOCK_T
-               + d[:, None] * 2 * BLOCK_T + t)
-    tl.store(partial, tl.zeros([BLOCK_D, BLOCK_T], tl.float32))
-    tl.store(partial + BLOCK_T, tl.zeros([BLOCK_D, BLOCK_T], tl.float32))
+    sums = DREL + (bn * tl.num_programs(0) + pid) * BLOCK_D * 2 * BLOCK_T
+    tl.store(sums + d[:, None] * 2 * BLOCK_T + t, tl.zeros([BLOCK_D, BLOCK_T], tl.float32))
+    tl.store(sums + d[:, None] * 2 * BLOCK_T + BLOCK_T + t,
+             tl.zeros([BLOCK_D, BLOCK_T], tl.float32))
+    partial = sums + tl.arange(0, BLOCK_DQ)[:, None] * 2 * BLOCK_T + t
     for r in range(0, tl.minimum(tile_rows, tiles_h - chunk * tile_rows)):
         ry, rx, sy0, sx0, _ = _lattice_tile(first_tile + r * tiles_w, H, W, DH, DW,
                                             TILE_H, TILE_W)
@@ -568,7 +604,7 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
         top = sy0 - (KH - 1) // 2
         left = sx0 - (KW - 1) // 2
         rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H,
-                                 W, DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, UPCAST, BLOCK_D,
+                                 W, DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, PRODUCTS, BLOCK_D,
                                  BLOCK_T, BLOCK_HALO)
         grad_rows = tl.zeros([TILE_H * TILE_W, BLOCK_HALO], tl.float32)
         grad_cols = tl.zeros([TILE_H * TILE_W, BLOCK_HALO], tl.float32)
@@ -580,27 +616,37 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
             if HAS_KEY:
                 kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
             vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
-            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, UPCAST,
+            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
-            grad_rows += _dot_one_hot(ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True))
-            grad_cols += _dot_one_hot(ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False,
-                                                   True))
+            grad_rows += _dot_one_hot(
+                ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True), PRODUCTS)
+            grad_cols += _dot_one_hot(
+                ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False, True), PRODUCTS)
         grad_a = _per_tap(grad_rows, qy, top, KH, BLOCK_T)
         grad_b = _per_tap(grad_cols, qx, left, KW, BLOCK_T)
-        dq_ptr = DQ + b * sob + n * son + d[None, :] * soc + (y * soh + x)[:, None]
-        dq_ok = q_ok[:, None] & (d < D)[None, :]
-        row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T, True)
-        if q.dtype == tl.float32:
-            dq = _dot_f32(grad_a, row_table) + _dot_f32(grad_b, col_table)
-        else:  # rounded to q's dtype when stored
-            dq = (_dot_f32_by_bf16(grad_a, row_table, UPCAST)
-                  + _dot_f32_by_bf16(grad_b, col_table, UPCAST))
-        dq += tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
-        tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_ok)
-        tl.store(partial, tl.load(partial) + _dot_exact_by_f32(tl.trans(q), grad_a, UPCAST))
-        tl.store(partial + BLOCK_T,
-                 tl.load(partial + BLOCK_T) + _dot_exact_by_f32(tl.trans(q), grad_b, UPCAST))
+        # dq and the partial sums a slice of channels at a time (q's slice
+        # reloaded, from cache): whole, they would spill at D >= 64.
+        for d0 in range(0, BLOCK_D, BLOCK_DQ):
+            dc = d0 + tl.arange(0, BLOCK_DQ)
+            dq_ptr = DQ + b * sob + n * son + dc[None, :] * soc + (y * soh + x)[:, None]
+            dq_ok = q_ok[:, None] & (dc < D)[None, :]
+            row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_DQ, BLOCK_T,
+                                           True, d0)
+            if DQ.dtype.element_ty == tl.float32:
+                dq = (_dot_f32(grad_a, row_table, PRODUCTS)
+                      + _dot_f32(grad_b, col_table, PRODUCTS))
+            else:  # rounded to q's dtype when stored
+                dq = (_dot_f32_by_bf16(grad_a, row_table, PRODUCTS)
+                      + _dot_f32_by_bf16(grad_b, col_table, PRODUCTS))
+            dq += tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
+            tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_ok)
+            q_slice = _load(Q + b * sqb + n * sqn, y, x, q_ok, dc, D, sqc, sqh, True, True)
+            slice_sums = partial + d0 * 2 * BLOCK_T
+            tl.store(slice_sums, tl.load(slice_sums)
+                     + _dot_exact_by_f32(q_slice, grad_a, PRODUCTS))
+            tl.store(slice_sums + BLOCK_T, tl.load(slice_sums + BLOCK_T)
+                     + _dot_exact_by_f32(q_slice, grad_b, PRODUCTS))
 
 
 @_jit
@@ -608,7 +654,7 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
                          sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
                          sgb, sgn, sgc, sgh, sob, son, soc, soh, swb, swn, swc, swh,
                          H, W, N, D, DV, DR, KH, KW, DH, DW,
-                         HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, UPCAST: tl.constexpr,
+                         HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
                          TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -650,17 +696,17 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
         a_row = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_T], tl.float32)
         b_col = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_T], tl.float32)
         if HAS_REL:
-            a_row, b_col = _relative_terms(q, row_table, col_table, UPCAST)
+            a_row, b_col = _relative_terms(q, row_table, col_table, PRODUCTS)
         # The queries' terms on the key tile's rows and columns.
         rows = _shifted(a_row, sy0, qy, q_ok, ry, H, DH, TILE_H, KH, 16, HAS_REL, BLOCK_T)
         cols = _shifted(b_col, sx0, qx, q_ok, rx, W, DW, TILE_W, KW, 16, HAS_REL, BLOCK_T)
-        s = _logits(q, kT, rows, cols, 0, 0, TILE_H, TILE_W, HAS_KEY, UPCAST)
+        s = _logits(q, kT, rows, cols, 0, 0, TILE_H, TILE_W, HAS_KEY, PRODUCTS)
         p = tl.exp2(s - lse[:, None])  # (queries, keys)
-        dval += _dot(tl.trans(p.to(dout.dtype)), dout, UPCAST)
+        dval += _dot(tl.trans(p.to(dout.dtype)), dout, PRODUCTS)
         if HAS_KEY:
             delta = tl.load(DELTA + pixel)
-            ds = p * (_dot(dout, vT, UPCAST) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+            ds = p * (_dot(dout, vT, PRODUCTS) - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRODUCTS)
     _store(DV_ + b * swb + n * swn, dval, key_y, key_x, k_ok, dv, DV, swc, swh)
     if HAS_KEY:
         _store(DK + b * sob + n * son, dk, key_y, key_x, k_ok, d, D, soc, soh)
@@ -706,8 +752,19 @@ def _grid_tiles(height, width, dilation) -> int:
     return dh * dw * triton.cdiv(sub_h, TILE_H) * triton.cdiv(sub_w, TILE_W)
 
 
+def products_mode(dtype: torch.dtype) -> int:
+    """The kernels' ``PRODUCTS``: 2 (one tf32 product per float32 product)
+    for float32 inputs when ``torch.get_float32_matmul_precision()`` allows
+    tf32 (``'high'`` or ``'medium'``); otherwise 1 under the interpreter and
+    0 on GPUs (float32 accuracy)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != 'highest':
+        return 2
+    return 1 if INTERPRETED else 0
+
+
 def _launch_args(query, key, value, rel_row, rel_col, window, dilation) -> tuple:
-    """Tensors, strides, geometry and constexprs shared by the launches."""
+    """Tensors, strides and geometry shared by the launches, and each
+    kernel's constexprs and options (by name)."""
     _, heads, dim, _, _ = query.shape
     has_key, has_rel = key is not None, rel_row is not None
     tables = (rel_row.contiguous(), rel_col.contiguous()) if has_rel else (query, query)
@@ -715,10 +772,12 @@ def _launch_args(query, key, value, rel_row, rel_col, window, dilation) -> tuple
     strides = (*_strides(query), *_strides(tensors[1]), *_strides(value))
     dim_row = rel_row.shape[-1] if has_rel else 0
     geometry = (*query.shape[3:], heads, dim, value.shape[2], dim_row, *window, *dilation)
-    flags = dict(HAS_KEY=has_key, HAS_REL=has_rel,
-                 UPCAST=INTERPRETED,
-                 **block_config(dim, value.shape[2], window, query.element_size()),
-                 **LAUNCH_OPTIONS)
+    flags = {}
+    for kernel in KERNELS:
+        blocks, options = kernel_config(kernel, dim, value.shape[2], window,
+                                        query.element_size())
+        flags[kernel] = dict(HAS_KEY=has_key, HAS_REL=has_rel,
+                             PRODUCTS=products_mode(query.dtype), **blocks, **options)
     return tensors, strides, geometry, flags
 
 
@@ -735,7 +794,8 @@ def forward(query, key, value, rel_row, rel_col, window, dilation, keep_attentio
                                                      window, dilation)
     with _on_device(query):
         _forward_kernel[(_grid_tiles(height, width, dilation), batch * heads)](
-            *tensors, out, lse, *strides, *_strides(out), *geometry, **flags)
+            *tensors, out, lse, *strides, *_strides(out), *geometry,
+            **flags['_forward_kernel'])
     return out, lse
 
 
@@ -760,7 +820,8 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     dh, dw = dilation
     tiles_h = triton.cdiv(triton.cdiv(height, dh), TILE_H)
     tiles_w = triton.cdiv(triton.cdiv(width, dw), TILE_W)
-    block_d, block_t = flags['BLOCK_D'], flags['BLOCK_T']
+    block_d, block_t = (flags['_backward_tables_kernel'][name] for name in ('BLOCK_D',
+                                                                            'BLOCK_T'))
     # The tables' gradient: several tiles per program, few partial sums.
     programs = max(1, TABLE_PARTIAL_BYTES // (batch * heads * block_d * 2 * block_t * 4))
     tile_rows = triton.cdiv(tiles_h * tiles_w * dh * dw, programs)
@@ -771,15 +832,17 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     with _on_device(query):
         _backward_query_kernel[tile_grid](
             *tensors, grad_out, lse, delta, grad_q, *strides, *_strides(grad_out),
-            *_strides(grad_q), *geometry, **flags)
+            *_strides(grad_q), *geometry, **flags['_backward_query_kernel'])
         if has_rel:  # after the query kernel: adds to its dq, reads its delta
             _backward_tables_kernel[tables_grid](
                 *tensors, grad_out, lse, delta, grad_q, partial, *strides,
-                *_strides(grad_out), *_strides(grad_q), *geometry, tile_rows, **flags)
+                *_strides(grad_out), *_strides(grad_q), *geometry, tile_rows,
+                **flags['_backward_tables_kernel'])
         grad_k = grad_q if grad_k is None else grad_k  # never written without HAS_KEY
         _backward_key_kernel[tile_grid](
             *tensors, grad_out, lse, delta, grad_k, grad_v, *strides, *_strides(grad_out),
-            *_strides(grad_k), *_strides(grad_v), *geometry, **flags)
+            *_strides(grad_k), *_strides(grad_v), *geometry,
+            **flags['_backward_key_kernel'])
     for buffer, written in zip(buffers, (grad_q, grad_k, grad_v)):
         if buffer is not None and written is not buffer:
             buffer.copy_(written)
@@ -804,7 +867,8 @@ _TRITON_DTYPES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 
 
 
 def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_dim: int = None,
-                        window=(7, 7), has_key: bool = True, has_rel: bool = True) -> tuple:
+                        window=(7, 7), has_key: bool = True, has_rel: bool = True,
+                        tf32: bool = False) -> tuple:
     """``(fn, signature, constexprs, attrs, options)`` for
     ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
     target=GPUTarget('cuda', arch, 32), options=options)``, specialised as a
@@ -818,9 +882,10 @@ def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_di
     """
     fn = globals()[kernel]
     value_dim = head_dim if value_dim is None else value_dim
-    constexprs = dict(HAS_KEY=has_key, HAS_REL=has_rel, UPCAST=False,
-                      **block_config(head_dim, value_dim, window,
-                                   torch.empty((), dtype=dtype).element_size()))
+    blocks, options = kernel_config(kernel, head_dim, value_dim, window,
+                                    torch.empty((), dtype=dtype).element_size())
+    constexprs = dict(HAS_KEY=has_key, HAS_REL=has_rel,
+                      PRODUCTS=2 if tf32 and dtype == torch.float32 else 0, **blocks)
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -831,4 +896,4 @@ def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_di
             signature[name] = '*fp32' if name in _FLOAT32_POINTERS else \
                 f'*{_TRITON_DTYPES[dtype]}'
             attrs[(index, )] = [['tt.divisibility', 16]]
-    return fn, signature, constexprs, attrs, dict(LAUNCH_OPTIONS)
+    return fn, signature, constexprs, attrs, options
