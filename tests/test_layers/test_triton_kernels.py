@@ -31,10 +31,10 @@ DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
-def _assert_close(got, want, dtype, what=''):
+def _assert_close(got, want, dtype, what='', tolerance=None):
     error = (got.double() - want.double()).abs().max().item()
     scale = want.abs().max().item()
-    assert error <= TOLERANCE[dtype] * scale, \
+    assert error <= (tolerance or TOLERANCE[dtype]) * scale, \
         f'{what}: max error {error:.3g} at scale {scale:.3g}'
 
 
@@ -53,7 +53,7 @@ def _inputs(heads, dim, height, width, window, key=True, rel=True, value_dim=Non
     return q, k, v, rel_row, rel_col
 
 
-def _check(inputs, window, dilation=(1, 1), dtype=torch.float32):
+def _check(inputs, window, dilation=(1, 1), dtype=torch.float32, tolerance=None):
     """Triton in ``dtype`` against the reference in float64 on the same
     (rounded) inputs; the tables stay float32, as parameters do."""
     q, k, v, rel_row, rel_col = inputs
@@ -64,14 +64,14 @@ def _check(inputs, window, dilation=(1, 1), dtype=torch.float32):
     double = [None if t is None else t.detach().double().requires_grad_()
               for t in (*cast, *tables)]
     expected = local_attention_reference(*double[:3], window, dilation, *double[3:])
-    _assert_close(out, expected, dtype, 'out')
+    _assert_close(out, expected, dtype, 'out', tolerance)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     names = [n for n, t in zip(('q', 'k', 'v', 'rel_row', 'rel_col'), double) if t is not None]
     mine = [t for t in (*cast, *tables) if t is not None]
     theirs = [t for t in double if t is not None]
     for name, got, want in zip(names, torch.autograd.grad(out, mine, grad_out.to(dtype)),
                                torch.autograd.grad(expected, theirs, grad_out.double())):
-        _assert_close(got, want, dtype, f'grad {name}')
+        _assert_close(got, want, dtype, f'grad {name}', tolerance)
 
 
 @pytest.mark.parametrize('dim,height,width,window,dilation', [
@@ -140,16 +140,16 @@ def test_float32_products_follow_torch_matmul_precision(float32_matmul_precision
 
 
 def test_tf32_products_run_and_match_the_reference(float32_matmul_precision, monkeypatch):
-    """The tf32 variant of every kernel runs; the interpreter computes tf32
-    products exactly (so the float32 tolerance holds here; on a GPU they
-    round the operands to 10-bit mantissas, as cuDNN's tf32 convolution
-    does)."""
+    """The tf32 variant of every kernel runs and matches the reference to
+    tf32's accuracy on a GPU (operands rounded to 10-bit mantissas, as
+    cuDNN's tf32 convolution does); the interpreter computes tf32 products
+    exactly, so there the float32 tolerance holds."""
     float32_matmul_precision('high')
     calls = []
     for name in triton_backend().KERNELS:
         kernel = getattr(triton_backend(), name)
         monkeypatch.setattr(kernel, 'run', _recording(kernel.run, calls))
-    _check(_inputs(2, 8, 5, 6, (3, 3)), (3, 3))
+    _check(_inputs(2, 8, 5, 6, (3, 3)), (3, 3), tolerance=5e-3 if DEVICE == 'cuda' else None)
     assert {c['PRODUCTS'] for c in calls} == {2}
     assert len(calls) == 4
 
