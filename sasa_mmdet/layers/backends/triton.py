@@ -17,9 +17,9 @@ extra products over the halo cost less than gathering each query's own
 window would. With dilation ``(dh, dw)`` a tile takes queries on one
 sub-lattice (rows ``= r mod dh``, columns ``= c mod dw``), whose neighbours
 lie on the same sub-lattice: dilated attention is dense attention on a
-subsampled grid, at the same cost. Four warps per program, one stage;
-at head widths of 32 and more the backward query and tables kernels run
-eight, and the tables kernel walks its halo a row at a time
+subsampled grid, at the same cost. Four warps per program, one stage; at
+head widths of 32 and more the backward query and tables kernels walk
+their halo in smaller blocks, and at 128 the query kernel runs eight warps
 (:func:`kernel_config`): otherwise they spill registers.
 
 The q.r term and the mask. ``A = Q @ RowT`` and ``B = Q @ ColT``
@@ -113,9 +113,9 @@ HALO_ELEMENTS = 2048  # BLOCK_H x BLOCK_W x (padded head width) at most: the loa
 # address every element (the planar layout's rows are not aligned, so they
 # are not vectorised), and more in flight spill registers.
 LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
-# Head widths of 32 and more: the backward query and tables kernels run 8
-# warps (half the registers per thread for the same tiles) and the tables
-# kernel walks its halo a row at a time; otherwise they spill registers.
+# Head widths of 32 and more: the backward tables kernel walks its halo in
+# blocks of half as many rows, the query kernel in blocks of at most 2 rows
+# (and at 128 runs 8 warps); otherwise they spill registers.
 WIDE_HEAD = 32
 # The tables kernel's programs each take tiles one above the other (up to a
 # whole column of them), so that their partial sums of the tables' gradient
@@ -143,11 +143,13 @@ def kernel_config(kernel: str, head_dim: int, value_dim: int, window=(7, 7),
     (``WIDE_HEAD``)."""
     blocks = block_config(head_dim, value_dim, window, element_size)
     options = dict(LAUNCH_OPTIONS)
-    if max(blocks['BLOCK_D'], blocks['BLOCK_DV']) >= WIDE_HEAD:
-        if kernel in ('_backward_query_kernel', '_backward_tables_kernel'):
+    width = max(blocks['BLOCK_D'], blocks['BLOCK_DV'])
+    if width >= WIDE_HEAD and kernel == '_backward_tables_kernel':
+        blocks['BLOCK_H'] = max(1, blocks['BLOCK_H'] // 2)
+    if width >= WIDE_HEAD and kernel == '_backward_query_kernel':
+        blocks['BLOCK_H'] = min(blocks['BLOCK_H'], 2)
+        if width >= 128:
             options['num_warps'] = 8
-        if kernel == '_backward_tables_kernel':
-            blocks['BLOCK_H'] = 1
     return blocks, options
 
 
@@ -569,7 +571,7 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
     column, shifted to each query's taps (``dA``, ``dB``), then
     ``dq += dA @ RowT^T + dB @ ColT^T`` and ``DREL[program] += Q^T @ [dA |
     dB]`` as ``(BLOCK_D, 2 * BLOCK_T)``."""
-    BLOCK_DQ: tl.constexpr = 32 if BLOCK_D > 32 else BLOCK_D
+    BLOCK_DQ: tl.constexpr = 16
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
     n = bn % N
