@@ -94,18 +94,23 @@ def check(package, archs, head_dim: int, logits: str, dtype: str, size: tuple) -
                                           archs=archs, layer_options=LOGITS[logits])
     finally:
         torch.set_float32_matmul_precision(precision)
+    return compile_rows(records, archs, layer='sasa', dtype=dtype, head_dim=head_dim,
+                        logits=logits, size=list(size))
+
+
+def compile_rows(records, archs, details=None, **fields) -> list:
+    """One row per arch and launch of ``records``: ``fields``, the launch's
+    options and what compiling it gives (registers, spills, shared memory,
+    or the error), plus ``details(record, compiled)``."""
     rows = []
     for arch, record in itertools.product(archs, records):
-        compiled = model.compile_variant(record['fn'], arch, record['compile'][arch])
-        row = dict(layer='sasa', arch=f'sm_{arch}', kernel=record['kernel'],
-                   phase=record['phase'],
-                   dtype=dtype, head_dim=head_dim, logits=logits, size=list(size),
-                   variant=compiled['key'],
-                   num_warps=record['compile'][arch]['options'].num_warps,
-                   num_stages=record['compile'][arch]['options'].num_stages,
-                   maxnreg=record['compile'][arch]['options'].maxnreg,
-                   divisible_by_16=model.specialised_names(record['fn'],
-                                                           record['compile'][arch]))
+        spec = record['compile'][arch]
+        compiled = model.compile_variant(record['fn'], arch, spec)
+        row = dict(fields, arch=f'sm_{arch}', kernel=record['kernel'], phase=record['phase'],
+                   variant=compiled['key'], num_warps=spec['options'].num_warps,
+                   num_stages=spec['options'].num_stages, maxnreg=spec['options'].maxnreg,
+                   divisible_by_16=model.specialised_names(record['fn'], spec),
+                   **(details(record, compiled) if details else {}))
         if 'error' in compiled:
             rows.append(dict(row, error=compiled['error']))
         else:
@@ -136,27 +141,15 @@ def check_san(package, archs, layer_name: str, border: str, dtype: str, size: tu
     x = torch.zeros(BATCH, SAN_CHANNELS, *size, requires_grad=True)
     records, _ = model.record_launches(layer, x, backend, {san_ops: 'resolve_san_backend'},
                                        dtype=dtype, archs=archs)
-    rows = []
-    for arch, record in itertools.product(archs, records):
-        spec = record['compile'][arch]
-        compiled = model.compile_variant(record['fn'], arch, spec)
-        row = dict(layer='san', arch=f'sm_{arch}', kernel=record['kernel'],
-                   phase=record['phase'], dtype=dtype, san_layer=layer_name, border=border,
-                   size=list(size), variant=compiled['key'],
-                   launch_dtypes=sorted({a['dtype'] for a in record['args'].values()
-                                         if 'dtype' in a}),
-                   num_warps=spec['options'].num_warps, num_stages=spec['options'].num_stages,
-                   maxnreg=spec['options'].maxnreg,
-                   divisible_by_16=model.specialised_names(record['fn'], spec))
+
+    def details(record, compiled):
+        launch_dtypes = sorted({a['dtype'] for a in record['args'].values() if 'dtype' in a})
         if 'error' in compiled:
-            rows.append(dict(row, error=compiled['error']))
-        else:
-            rows.append(dict(row, registers=compiled['registers'],
-                             spill_bytes=compiled['stack_bytes'],
-                             shared_bytes=compiled['shared_bytes'],
-                             load_bits=load_widths(compiled['sass']),
-                             compile_s=compiled['compile_s']))
-    return rows
+            return dict(launch_dtypes=launch_dtypes)
+        return dict(launch_dtypes=launch_dtypes, load_bits=load_widths(compiled['sass']))
+
+    return compile_rows(records, archs, details, layer='san', dtype=dtype,
+                        san_layer=layer_name, border=border, size=list(size))
 
 
 def print_row(row: dict, seen: set) -> None:
