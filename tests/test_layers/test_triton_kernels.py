@@ -324,8 +324,9 @@ def test_layer_compiles_fullgraph_on_triton_and_matches_eager():
 
 
 # Compiles each kernel (as a launch at head width 64 in bfloat16 specialises
-# it: the wide-head settings, where register pressure is highest) for ``sys.argv[1]`` = sm_XY without a GPU, and prints per kernel the
-# spill bytes from ptxas's log and the SASS (Triton's bundled cuobjdump).
+# it: the wide-head settings, where register pressure is highest) for
+# ``sys.argv[1]`` = sm_XY without a GPU, and prints per kernel the spill
+# bytes from ptxas's log and the SASS (Triton's bundled cuobjdump).
 # A subprocess: the kernels must be defined with the interpreter off.
 _COMPILE_SCRIPT = """
 import contextlib, io, json, os, re, subprocess, sys, tempfile

@@ -136,13 +136,11 @@ def _jit(fn):
     return triton.jit(fn, do_not_specialize=[n for n in names if n in _RUNTIME_INTS])
 
 
-def kernel_config(kernel: str, head_dim: int, value_dim: int, window=(7, 7),
-                  element_size: int = 2) -> tuple:
-    """``(constexprs, options)`` of ``kernel`` at these head widths: the
-    :func:`block_config` and ``LAUNCH_OPTIONS``, adjusted at wide heads
+def kernel_config(kernel: str, blocks: dict) -> tuple:
+    """``(constexprs, options)`` of ``kernel``: the :func:`block_config`
+    ``blocks`` and ``LAUNCH_OPTIONS``, adjusted at wide heads
     (``WIDE_HEAD``)."""
-    blocks = block_config(head_dim, value_dim, window, element_size)
-    options = dict(LAUNCH_OPTIONS)
+    blocks, options = dict(blocks), dict(LAUNCH_OPTIONS)
     width = max(blocks['BLOCK_D'], blocks['BLOCK_DV'])
     if width >= WIDE_HEAD and kernel == '_backward_tables_kernel':
         blocks['BLOCK_H'] = max(1, blocks['BLOCK_H'] // 2)
@@ -774,12 +772,12 @@ def _launch_args(query, key, value, rel_row, rel_col, window, dilation) -> tuple
     strides = (*_strides(query), *_strides(tensors[1]), *_strides(value))
     dim_row = rel_row.shape[-1] if has_rel else 0
     geometry = (*query.shape[3:], heads, dim, value.shape[2], dim_row, *window, *dilation)
+    shared = dict(HAS_KEY=has_key, HAS_REL=has_rel, PRODUCTS=products_mode(query.dtype))
+    blocks = block_config(dim, value.shape[2], window, query.element_size())
     flags = {}
     for kernel in KERNELS:
-        blocks, options = kernel_config(kernel, dim, value.shape[2], window,
-                                        query.element_size())
-        flags[kernel] = dict(HAS_KEY=has_key, HAS_REL=has_rel,
-                             PRODUCTS=products_mode(query.dtype), **blocks, **options)
+        kernel_blocks, options = kernel_config(kernel, blocks)
+        flags[kernel] = dict(shared, **kernel_blocks, **options)
     return tensors, strides, geometry, flags
 
 
@@ -884,8 +882,8 @@ def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_di
     """
     fn = globals()[kernel]
     value_dim = head_dim if value_dim is None else value_dim
-    blocks, options = kernel_config(kernel, head_dim, value_dim, window,
-                                    torch.empty((), dtype=dtype).element_size())
+    blocks, options = kernel_config(kernel, block_config(
+        head_dim, value_dim, window, torch.empty((), dtype=dtype).element_size()))
     constexprs = dict(HAS_KEY=has_key, HAS_REL=has_rel,
                       PRODUCTS=2 if tf32 and dtype == torch.float32 else 0, **blocks)
     signature, attrs = {}, {}
