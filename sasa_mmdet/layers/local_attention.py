@@ -316,9 +316,17 @@ class LocalSelfAttention2d(nn.Module):
         """Dense 1x1 projections, split into heads.
 
         Returns:
-            tuple[Tensor]: q, k, v, each ``(B, num_heads, head_channels, H, W)``.
+            tuple[Tensor]: q, k, v, each ``(B, num_heads, head_channels, H, W)``,
+            views into one buffer: channels-last (``(B, H, W, 3, N, D)`` in
+            memory) when ``x`` is, otherwise contiguous.
         """
         batch, _, height, width = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # Channels-last in, channels-last q, k, v out (the layout the
+            # 'triton' kernels load with vector loads): (B, H, W, 3C).
+            qkv = F.linear(x.permute(0, 2, 3, 1), self.qkv_weight)
+            qkv = qkv.view(batch, height, width, 3, self.num_heads, self.head_channels)
+            return split_projections(qkv.permute(0, 3, 4, 5, 1, 2))
         # A batched matrix product rather than a 1x1 conv2d: neither pass
         # makes reordered copies of x or of the projection's gradient.
         weight = self.qkv_weight.expand(batch, -1, -1)

@@ -143,7 +143,18 @@ def _local_attention_op(query: Tensor, key: Optional[Tensor], value: Tensor,
     out, saved = _backend_module(backend).forward(query, key, value, rel_row, rel_col,
                                                   tuple(window), tuple(dilation),
                                                   keep_attention)
-    return out.contiguous(), saved.contiguous()
+    if backend != 'triton':  # the 'triton' output is in its layout (_empty_output)
+        out = out.contiguous()
+    return out, saved.contiguous()
+
+
+def _empty_output(query, key, value, backend: str) -> Tensor:
+    """The operator's output as a backend returns it: contiguous, or for
+    'triton' channels-last when it reads q, k, v so."""
+    if backend == 'triton':
+        triton = _backend_module('triton')
+        return triton.empty_map(value.shape, value, triton.output_layout(query, key, value))
+    return value.new_empty(value.shape)
 
 
 def _saved_shape(query: Tensor, window, backend: str, keep_attention: bool) -> tuple:
@@ -161,7 +172,7 @@ def _saved_shape(query: Tensor, window, backend: str, keep_attention: bool) -> t
 def _(query, key, value, rel_row, rel_col, window, dilation, backend, keep_attention):
     _check_inputs(query, key, value, rel_row, rel_col, window, dilation)
     saved_dtype = torch.float32 if backend == 'triton' else pytorch.compute_dtype(value.dtype)
-    return (value.new_empty(value.shape),
+    return (_empty_output(query, key, value, backend),
             query.new_empty(_saved_shape(query, window, backend, keep_attention),
                             dtype=saved_dtype))
 
@@ -237,42 +248,47 @@ _local_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # projection's backward needs no stacking copy.
 
 
-def _contiguous_strides(shape) -> tuple:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
-
-
 def _packed(parts) -> Optional[Tensor]:
-    """The contiguous ``(B, len(parts), ...)`` tensor whose slices along dim
-    1 are ``parts``, as a view of their memory; None if they do not lie so
-    (or have no memory to look at, as under ``torch.compile``)."""
+    """The ``(B, len(parts), ...)`` tensor whose slices along dim 1 are
+    ``parts``, as a view of their memory, when they lie so in one dense
+    buffer (a contiguous or a channels-last projection's); None otherwise
+    (or when they have no memory to look at, as under ``torch.compile``)."""
     first = parts[0]
-    if any(p is None or type(p) not in (Tensor, torch.nn.Parameter) or p.shape != first.shape
-           or p.dtype != first.dtype or p.device != first.device for p in parts):
+    if len(parts) < 2 or any(
+            p is None or type(p) not in (Tensor, torch.nn.Parameter) or p.shape != first.shape
+            or p.dtype != first.dtype or p.device != first.device for p in parts):
         return None  # also for fake and functional tensors (torch.compile's)
-    shape = (first.shape[0], len(parts), *first.shape[1:])
-    stride = _contiguous_strides(shape)
-    part_stride = (stride[0], *stride[2:])
+    step = parts[1].storage_offset() - first.storage_offset()
     base = first.untyped_storage().data_ptr()
-    for i, p in enumerate(parts):
-        if (p.untyped_storage().data_ptr() != base
-                or p.storage_offset() != first.storage_offset() + i * stride[1]
-                or any(s != want for s, want, size in zip(p.stride(), part_stride, p.shape)
-                       if size > 1)):
-            return None
-    return first.as_strided(shape, stride)
+    if any(p.untyped_storage().data_ptr() != base
+           or p.storage_offset() != first.storage_offset() + i * step
+           or any(s != want for s, want, size in zip(p.stride(), first.stride(), p.shape)
+                  if size > 1) for i, p in enumerate(parts)):
+        return None
+    shape = (first.shape[0], len(parts), *first.shape[1:])
+    stacked = first.as_strided(shape, (first.stride(0), step, *first.stride()[1:]))
+    return stacked if _dense(stacked) else None
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory span, each once."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride())
+                               if size > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _gradient_buffers(query, key, value) -> tuple:
     """Empty gradients of q, k, v for the backward op to fill. When q, k, v
-    are the slices of one projection, so are their gradients (see
-    :func:`split_projections`)."""
-    if _packed((query, key, value)) is not None:
-        return torch.empty((query.shape[0], 3, *query.shape[1:]), dtype=query.dtype,
-                           device=query.device).unbind(1)
+    are the slices of one projection, so are their gradients, in its layout
+    (see :func:`split_projections`)."""
+    packed = _packed((query, key, value))
+    if packed is not None:
+        return torch.empty_strided(packed.shape, packed.stride(), dtype=query.dtype,
+                                   device=query.device).unbind(1)
     return tuple(None if t is None else t.new_empty(t.shape) for t in (query, key, value))
 
 

@@ -21,15 +21,21 @@ BACKENDS = ['cpp', 'torch', 'triton']
 
 
 def _sample(backend, key=True, rel=True, keep=True, dtype=torch.float32, dim=4, window=(3, 3),
-            dilation=(1, 1), size=(5, 6)):
+            dilation=(1, 1), size=(5, 6), channels_last=False):
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
 
-    q = rand(1, 2, dim, *size)
-    k = rand(1, 2, dim, *size) if key else None
-    v = rand(1, 2, dim, *size)
+    def map_(*shape):  # (B, N, D, H, W), channel-innermost with channels_last
+        if not channels_last:
+            return rand(*shape)
+        batch, heads, dim, height, width = shape
+        return rand(batch, height, width, heads, dim).permute(0, 3, 4, 1, 2)
+
+    q = map_(1, 2, dim, *size)
+    k = map_(1, 2, dim, *size) if key else None
+    v = map_(1, 2, dim, *size)
     rel_row = rand(window[0], 2, (dim + 1) // 2) if rel else None
     rel_col = rand(window[1], 2, dim // 2) if rel else None
     return (q, k, v, rel_row, rel_col, window, dilation, backend, keep)
@@ -41,6 +47,7 @@ def _sample(backend, key=True, rel=True, keep=True, dtype=torch.float32, dim=4, 
     dict(keep=False),                             # recompute_attention
     dict(key=False),                              # q.r only
     dict(rel=False, window=(4, 3), dilation=(2, 1)),  # q.k only, even window, dilated
+    dict(dim=8, channels_last=True),              # 'triton': channels-last output
 ])
 def test_opcheck_forward(backend, variant):
     torch.library.opcheck(torch.ops.sasa_mmdet.local_attention.default,

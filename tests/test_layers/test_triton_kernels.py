@@ -209,6 +209,62 @@ def test_packed_qkv_views_are_read_and_written_in_place():
         _assert_close(got, expect, torch.float32)
 
 
+def _channels_last(t):
+    """``(B, N, D, H, W)`` ``t`` as a view of a ``(B, H, W, N, D)`` tensor."""
+    return t.detach().permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+
+
+@pytest.mark.parametrize('dim,value_dim,vectorised', [
+    (16, 16, True),    # widths of a whole block: no channel mask
+    (8, 24, True),     # narrower than a block (padded to 16, 32)
+    (4, 4, False),     # not a multiple of 8: planar (copied)
+])
+def test_channels_last_maps_match_reference(dim, value_dim, vectorised):
+    """q, k, v, the output gradient and the gradient buffers channel-
+    innermost, as a channels-last projection makes them: read and written in
+    place (vector loads on GPUs), the output channels-last too."""
+    window = (5, 5)
+    q, k, v, rel_row, rel_col = (None if t is None else t.detach() for t in
+                                 _inputs(2, dim, 6, 9, window, value_dim=value_dim))
+    q, k, v = (_channels_last(t) for t in (q, k, v))
+    backend = triton_backend()
+    assert backend.channels_last(q, k, v) == vectorised
+    out, lse = backend.forward(q, k, v, rel_row, rel_col, window, (1, 1), False)
+    assert backend.channels_last(out) == vectorised
+    expected = local_attention_reference(q, k, v, window, (1, 1), rel_row, rel_col)
+    _assert_close(out, expected, torch.float32, 'out')
+    grad_out = _channels_last(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    buffers = [_channels_last(torch.full_like(t, float('nan'))) for t in (q, k, v)]
+    grad_rel = backend.backward(grad_out, None, lse, q, k, v, rel_row, rel_col, window, (1, 1),
+                                *buffers)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, rel_row, rel_col)]
+    want = torch.autograd.grad(local_attention_reference(*leaves[:3], window, (1, 1),
+                                                         *leaves[3:]), leaves, grad_out)
+    for name, got, expect in zip(('q', 'k', 'v', 'rel_row', 'rel_col'), (*buffers, *grad_rel),
+                                 want):
+        _assert_close(got, expect, torch.float32, f'grad {name}')
+
+
+def test_channels_last_layer_equals_reference_and_stays_channels_last():
+    """A channels-last input: q, k, v and their gradients in one
+    channels-last buffer, the output channels-last, the numbers the
+    reference's."""
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(16, 16, 3, num_heads=2, impl='triton').to(DEVICE)
+    ref = LocalSelfAttention2d(16, 16, 3, num_heads=2, impl='reference').to(DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 16, 7, 9, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    query, key, value = layer.project(x)
+    assert triton_backend().channels_last(query, key, value)
+    out, expected = layer(x), ref(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _assert_close(out, expected, torch.float32)
+    for got, want in zip(torch.autograd.grad(out.square().sum(), [x, *layer.parameters()]),
+                         torch.autograd.grad(expected.square().sum(), [x, *ref.parameters()])):
+        _assert_close(got, want, torch.float32)
+
+
 @pytest.mark.parametrize('kwargs', [
     dict(stride=2),
     dict(position_encoding='absolute'),

@@ -5,6 +5,7 @@ memory.
     python tools/analysis_tools/check_triton_kernels.py [--layers sasa san]
         [--arch 80 90] [--dtypes tf32 bfloat16 float16 float32] [--sizes 20x32 20x36]
         [--head-dims 8 16 32 64 128] [--logits qk+qr qr qk]     # SASA's
+        [--memory-formats contiguous channels_last]
         [--san-layers pairwise patchwise] [--borders reflect mask]  # SAN's
         [--json FILE]
 
@@ -12,19 +13,21 @@ Why: ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors for the tests,
 but the interpreter accepts programs that a GPU build rejects (e.g.
 ``tl.dot`` shapes under 16), and it says nothing of registers or spills.
 
-How: for each configuration (head width x logits x input dtype x map size)
-the layer (:class:`~sasa_mmdet.layers.LocalSelfAttention2d`, 8 heads,
-window 7, batch 2, packed q/k/v as its projection writes them) runs one
-forward and backward pass on CPU tensors with every Triton launch
-intercepted; each launch is specialised as Triton would specialise it on a
-GPU (16-byte-aligned pointers, ints divisible by 16, ints equal to 1) and
-compiled for each arch with ``triton.compile``: the code the layer would
-really run, whatever the kernels are called and whatever they take. That
-part is shared with ``gpu_cost_model.py`` (same folder), which also counts
-the instructions. The default sizes give one width divisible by 16 and one
-not, because Triton builds another kernel for each. Registers and spills
-come from the cubin (``cuobjdump -res-usage``: the stack frame a Triton
-kernel has is its spill space).
+How: for each configuration (head width x logits x input dtype x map size x
+the input's memory format: contiguous gives planar q/k/v, channels_last
+channels-last ones, which the kernels read with vector loads) the layer
+(:class:`~sasa_mmdet.layers.LocalSelfAttention2d`, 8 heads, window 7, batch
+2, packed q/k/v as its projection writes them) runs one forward and
+backward pass on CPU tensors with every Triton launch intercepted; each
+launch is specialised as Triton would specialise it on a GPU (16-byte-
+aligned pointers, ints divisible by 16, ints equal to 1) and compiled for
+each arch with ``triton.compile``: the code the layer would really run,
+whatever the kernels are called and whatever they take. That part is shared
+with ``gpu_cost_model.py`` (same folder), which also counts the
+instructions. The default sizes give one width divisible by 16 and one not,
+because Triton builds another kernel for each. Registers and spills come
+from the cubin (``cuobjdump -res-usage``: the stack frame a Triton kernel
+has is its spill space).
 
 SAN (``--layers san``): :class:`~sasa_mmdet.layers.PairwiseSelfAttention2d`
 and :class:`~sasa_mmdet.layers.PatchwiseSelfAttention2d` with
@@ -64,6 +67,7 @@ DTYPES = ('tf32', 'bfloat16', 'float16', 'float32')
 SASA_DTYPES = ('tf32', 'bfloat16', 'float16')  # the default: the fast modes
 SAN_DTYPES = ('float32', 'bfloat16', 'float16')  # SAN's kernels have no products
 SIZES = ('20x32', '20x36')
+MEMORY_FORMATS = ('contiguous', 'channels_last')
 BATCH = 2
 LAYERS = ('sasa', 'san')
 SAN_LAYERS = ('pairwise', 'patchwise')
@@ -82,8 +86,9 @@ def parse_size(text: str) -> tuple:
     return height, width
 
 
-def check(package, archs, head_dim: int, logits: str, dtype: str, size: tuple) -> list:
-    """One row per distinct compiled kernel variant of this configuration."""
+def check(package, archs, head_dim: int, logits: str, dtype: str, size: tuple,
+          memory_format: str = 'contiguous') -> list:
+    """One row per launch of this configuration."""
     import torch
     channels = head_dim * model.HEADS
     precision = torch.get_float32_matmul_precision()
@@ -91,11 +96,17 @@ def check(package, archs, head_dim: int, logits: str, dtype: str, size: tuple) -
     try:
         records, _ = model.layer_launches(package, channels, *size, batch=BATCH,
                                           dtype='float32' if dtype == 'tf32' else dtype,
-                                          archs=archs, layer_options=LOGITS[logits])
+                                          archs=archs, layer_options=LOGITS[logits],
+                                          memory_format=memory_format)
     finally:
         torch.set_float32_matmul_precision(precision)
-    return compile_rows(records, archs, layer='sasa', dtype=dtype, head_dim=head_dim,
-                        logits=logits, size=list(size))
+    return compile_rows(records, archs, _load_details, layer='sasa', dtype=dtype,
+                        head_dim=head_dim, logits=logits, size=list(size),
+                        memory_format=memory_format)
+
+
+def _load_details(record, compiled) -> dict:
+    return {} if 'error' in compiled else dict(load_bits=load_widths(compiled['sass']))
 
 
 def compile_rows(records, archs, details=None, **fields) -> list:
@@ -144,9 +155,7 @@ def check_san(package, archs, layer_name: str, border: str, dtype: str, size: tu
 
     def details(record, compiled):
         launch_dtypes = sorted({a['dtype'] for a in record['args'].values() if 'dtype' in a})
-        if 'error' in compiled:
-            return dict(launch_dtypes=launch_dtypes)
-        return dict(launch_dtypes=launch_dtypes, load_bits=load_widths(compiled['sass']))
+        return dict(launch_dtypes=launch_dtypes, **_load_details(record, compiled))
 
     return compile_rows(records, archs, details, layer='san', dtype=dtype,
                         san_layer=layer_name, border=border, size=list(size))
@@ -160,7 +169,8 @@ def print_row(row: dict, seen: set) -> None:
     size_text = '{}x{}'.format(*row['size'])
     if row['layer'] == 'sasa':
         prefix = (f'{row["arch"]:6} {row["kernel"][:24]:24} {row["dtype"]:9} '
-                  f'{row["head_dim"]:>4} {row["logits"]:6} {size_text:>7} {row["num_warps"]:>5}')
+                  f'{row["head_dim"]:>4} {row["logits"]:6} {size_text:>7} '
+                  f'{row["memory_format"][:8]:8} {row["num_warps"]:>5}')
     else:
         prefix = (f'{row["arch"]:6} {row["kernel"][:24]:24} {row["dtype"]:9} '
                   f'{row["san_layer"][:5]:>5} {row["border"]:7} {size_text:>7} '
@@ -169,8 +179,7 @@ def print_row(row: dict, seen: set) -> None:
         print(f'{prefix} COMPILE ERROR: {row["error"]}', flush=True)
         return
     line = f'{prefix} {row["registers"]:>5} {row["spill_bytes"]:>7} {row["shared_bytes"]:>7}'
-    if row['layer'] == 'san':
-        line += ' {:>10}'.format('/'.join(str(b) for b in row['load_bits']) or '-')
+    line += ' {:>10}'.format('/'.join(str(b) for b in row['load_bits']) or '-')
     print(line, flush=True)
 
 
@@ -198,6 +207,11 @@ def main(argv=None) -> int:
     parser.add_argument('--sizes', nargs='+', default=list(SIZES), metavar='HxW',
                         help='map sizes (default: 20x32 20x36, a width divisible by 16 and '
                         'one not)')
+    parser.add_argument('--memory-formats', nargs='+', default=list(MEMORY_FORMATS),
+                        choices=MEMORY_FORMATS,
+                        help="the SASA layer's input: contiguous (planar q, k, v) and/or "
+                        'channels_last (channels-last q, k, v, read with vector loads); '
+                        'default: both')
     parser.add_argument('--json', help='also write the table as JSON to this file')
     parser.add_argument('--source-root', help='the checkout whose sasa_mmdet is checked '
                         '(default: this one)')
@@ -215,13 +229,15 @@ def main(argv=None) -> int:
     rows, seen, start = [], set(), time.time()
     if 'sasa' in args.layers:
         dtypes = args.dtypes or SASA_DTYPES
-        configs = list(itertools.product(args.head_dims, args.logits, dtypes, sizes))
+        configs = list(itertools.product(args.head_dims, args.logits, dtypes, sizes,
+                                         args.memory_formats))
         print(f'triton {triton.__version__}: the SASA layer\'s launches in {len(configs)} '
               f'configurations, compiled for sm_{args.arch}', flush=True)
         print(f'{"arch":6} {"kernel":24} {"dtype":9} {"D":>4} {"logits":6} {"size":>7} '
-              f'{"warps":>5} {"regs":>5} {"spills":>7} {"shared":>7}')
-        for head_dim, logits, dtype, size in configs:
-            for row in check(package, args.arch, head_dim, logits, dtype, size):
+              f'{"memory":8} {"warps":>5} {"regs":>5} {"spills":>7} {"shared":>7} '
+              f'{"loads":>10}')
+        for head_dim, logits, dtype, size, memory_format in configs:
+            for row in check(package, args.arch, head_dim, logits, dtype, size, memory_format):
                 rows.append(row)
                 print_row(row, seen)
     if 'san' in args.layers:

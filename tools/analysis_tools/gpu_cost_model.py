@@ -369,7 +369,8 @@ def record_launches(layer, x, backend_module, resolvers: Dict[object, str],
 
 def layer_launches(package, channels: int, height: int, width: int, heads: int = HEADS,
                    batch: int = BATCH, window: int = WINDOW, dtype: str = 'bfloat16',
-                   archs=(90, ), layer_options: Optional[dict] = None):
+                   archs=(90, ), layer_options: Optional[dict] = None,
+                   memory_format: str = 'contiguous'):
     """Every Triton launch of one forward and backward pass of the layer.
 
     The layer runs on CPU tensors: the operator's check that refuses them
@@ -393,7 +394,9 @@ def layer_launches(package, channels: int, height: int, width: int, heads: int =
     layer = package.layers.LocalSelfAttention2d(channels, channels, 3, padding=1,
                                                 window_size=window, num_heads=heads,
                                                 impl='triton', **(layer_options or {}))
-    x = torch.zeros(batch, channels, height, width, requires_grad=True)
+    x = torch.zeros(batch, channels, height, width).contiguous(memory_format=dict(
+        contiguous=torch.contiguous_format, channels_last=torch.channels_last)[memory_format])
+    x.requires_grad_()
     return record_launches(layer, x, backend, {ops: 'resolve_backend'}, dtype=dtype,
                            archs=archs)
 
@@ -861,13 +864,16 @@ def projection_model(arch: int, channels: int, pixels: int, itemsize: int = 2) -
 
 
 def model_shape(package, name: str, channels: int, height: int, width: int, archs,
-                dump: Optional[str] = None, heads: int = HEADS, batch: int = BATCH) -> dict:
-    """The cost model of one layer shape on every arch."""
+                dump: Optional[str] = None, heads: int = HEADS, batch: int = BATCH,
+                memory_format: str = 'contiguous') -> dict:
+    """The cost model of one layer shape on every arch, the layer's input
+    in ``memory_format`` ('contiguous' or 'channels_last')."""
     records, eager = layer_launches(package, channels, height, width, heads=heads,
-                                    batch=batch, archs=archs)
+                                    batch=batch, archs=archs, memory_format=memory_format)
     pixels = batch * height * width
     row = dict(name=name, channels=channels, height=height, width=width, heads=heads,
                head_dim=channels // heads, batch=batch, window=WINDOW, dtype='bfloat16',
+               memory_format=memory_format,
                eager_bytes_per_pixel={k: v['bytes'] / pixels for k, v in eager.items()},
                eager_ops={k: v['ops'] for k, v in eager.items()}, archs={})
     for arch in archs:
@@ -1303,6 +1309,10 @@ def main(argv=None) -> int:
                         help='only the given widths (by default each shape is also modelled '
                         'with W changed to the other divisibility by 16)')
     parser.add_argument('--batch', type=int, default=BATCH)
+    parser.add_argument('--memory-format', choices=['contiguous', 'channels_last'],
+                        default='contiguous',
+                        help="the layer's input: contiguous (planar q, k, v) or channels_last "
+                             '(channels-last q, k, v: the kernels\' vector loads)')
     parser.add_argument('--json', help='write the rows as JSON to this file')
     parser.add_argument('--png', help='bar chart of predicted layer vs conv time (sm_90)')
     parser.add_argument('--markdown', help='write the tables and targets as Markdown here')
@@ -1352,7 +1362,8 @@ def main(argv=None) -> int:
           f'{len(cases)} layer shapes x sm_{args.arch}', flush=True)
     for name, channels, height, width in cases:
         rows.append(model_shape(package, name, channels, height, width, args.arch,
-                                dump=args.dump, batch=args.batch))
+                                dump=args.dump, batch=args.batch,
+                                memory_format=args.memory_format))
         print(f'  {shape_label(rows[-1])}: {len(rows[-1]["archs"][args.arch[0]]["kernels"])} '
               f'launches ({time.time() - start:.0f} s)', flush=True)
     rows = _strip(rows)
@@ -1370,7 +1381,8 @@ def main(argv=None) -> int:
                 f"checkout of commit {kernel_source(package)['commit']}",
                 assumptions=dict(gpus=GPUS, gemm_efficiency=GEMM_EFFICIENCY,
                                  dram_efficiency=DRAM_EFFICIENCY, batch=args.batch,
-                                 heads=HEADS, window=WINDOW, dtype='bfloat16'),
+                                 heads=HEADS, window=WINDOW, dtype='bfloat16',
+                                 memory_format=args.memory_format),
                 targets={str(a): t for a, t in targets.items()}, rows=rows), f, indent=1)
         print(f'wrote {args.json}')
     if args.markdown:

@@ -80,9 +80,21 @@ feature-map size: the compiles per run are the (dtype, padded head width,
 window size class, logit terms) combinations the model uses, times four
 kernels (three without tables).
 
-What is not fast: every element is loaded on its own address (the rows of
-the planar ``(B, N, D, H, W)`` layout the projection writes are not
-aligned, so nothing is vectorised, and no ``cp.async``/TMA); the halo of a
+Layouts. The kernels address the ``(B, N, D, H, W)`` maps in one of two
+layouts (``CHANNELS_LAST``, chosen per call by :func:`channels_last`):
+channels-last, as the layer's projection writes q, k, v for a
+channels-last input (``(B, H, W, 3, N, D)`` in memory): each pixel's D
+channels are contiguous and 16-byte aligned (strides handed over in units
+of ``VECTOR`` elements, so the compiler knows it), read and written with
+128-bit vector loads and stores; the output, dq, dk and dv are written in
+the same layout. Or planar, with a unit column stride (a contiguous
+input's projection): its rows are not aligned, so every element is loaded
+on its own address. At head widths that fill their block (16, 32, 64, 128:
+``EVEN``) no channel is masked or clamped.
+
+What is not fast: planar maps are not vectorised, nor are channels-last
+ones at head widths that do not fill their block (8, 24, ...: their halo
+loads clamp the channels); no ``cp.async``/TMA; the halo of a
 3 x 3 window wastes most of its products; the halo blocks are not
 software-pipelined; the kernels use up to 255 registers (two programs per
 SM). No kernel spills registers in bfloat16, float16 or tf32 at head widths
@@ -122,13 +134,14 @@ WIDE_HEAD = 32
 # take about this many bytes at most (more only when one program per column
 # of tiles exceeds it).
 TABLE_PARTIAL_BYTES = 32 << 20
+# Channels-last maps: strides in units of this many elements (16 bytes of
+# bfloat16), the width of their vector loads (``channels_last``).
+VECTOR = 8
 INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 # Map sizes and strides change with every feature map: one compile for all.
-_RUNTIME_INTS = ['H', 'W', 'N', 'D', 'DV', 'DR', 'KH', 'KW', 'DH', 'DW', 'tile_rows',
-                 'sqb', 'sqn', 'sqc', 'sqh', 'skb', 'skn', 'skc', 'skh',
-                 'svb', 'svn', 'svc', 'svh', 'sob', 'son', 'soc', 'soh',
-                 'sgb', 'sgn', 'sgc', 'sgh', 'swb', 'swn', 'swc', 'swh']
+_RUNTIME_INTS = ['H', 'W', 'N', 'D', 'DV', 'DR', 'KH', 'KW', 'DH', 'DW', 'tile_rows'] + [
+    f's{tensor}{dim}' for tensor in 'qkvogw' for dim in 'bnchw']
 
 
 def _jit(fn):
@@ -249,32 +262,65 @@ def _pixels(ry, rx, sy0, sx0, H, W, DH, DW, ROWS: tl.constexpr, COLS: tl.constex
 
 
 @triton.jit
-def _load(base, y, x, ok, channels, C, sc, sh, TRANSPOSE: tl.constexpr, MASKED: tl.constexpr):
-    """``(pixels, channels)`` of a planar map (channel stride ``sc``, row
-    stride ``sh``, unit column stride), or ``(channels, pixels)`` with
-    ``TRANSPOSE``. ``MASKED``: zeros outside the image and past C channels;
-    otherwise (the loads inside the halo loops: no per-element predicates)
-    whatever lies at the clamped pixel and channel, for the caller to mask
-    out of the softmax or multiply by the other operand's zero channels."""
-    if MASKED:
-        if TRANSPOSE:
-            return tl.load(base + channels[:, None] * sc + (y * sh + x)[None, :],
-                           mask=(channels < C)[:, None] & ok[None, :], other=0.0)
-        else:
-            return tl.load(base + channels[None, :] * sc + (y * sh + x)[:, None],
-                           mask=ok[:, None] & (channels < C)[None, :], other=0.0)
+def _layout(sb, sn, sc, sh, sw, CHANNELS_LAST: tl.constexpr):
+    """A map's strides (batch, head, channel, row, column) in elements, as
+    the kernels address it. Channels-last maps (channel stride 1) get
+    theirs in units of ``VECTOR`` elements, so that the compiler knows
+    every pixel's channels start 16-byte aligned (vector loads); planar
+    maps have a unit column stride."""
+    if CHANNELS_LAST:  # units of VECTOR elements
+        return sb * 8, sn * 8, 1, sh * 8, sw * 8
     else:
-        channels = tl.minimum(channels, C - 1)
-        if TRANSPOSE:
-            return tl.load(base + channels[:, None] * sc + (y * sh + x)[None, :])
-        else:
-            return tl.load(base + channels[None, :] * sc + (y * sh + x)[:, None])
+        return sb, sn, sc, sh, 1
 
 
 @triton.jit
-def _store(base, tile, y, x, ok, channels, C, sc, sh):
-    tl.store(base + channels[None, :] * sc + (y * sh + x)[:, None],
-             tile.to(base.dtype.element_ty), mask=ok[:, None] & (channels < C)[None, :])
+def _offsets(y, x, channels, sc, sh, sw, TRANSPOSE: tl.constexpr):
+    """``(pixels, channels)`` element offsets, or ``(channels, pixels)``
+    with ``TRANSPOSE``."""
+    if TRANSPOSE:
+        return channels[:, None] * sc + (y * sh + x * sw)[None, :]
+    else:
+        return channels[None, :] * sc + (y * sh + x * sw)[:, None]
+
+
+@triton.jit
+def _tile_mask(ok, channels, C, EVEN: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Pixels in the image and channels below C (all of them when
+    ``EVEN``: a mask constant along the channels lets the loads and stores
+    of channels-last maps be vectorised), shaped as :func:`_offsets`."""
+    if TRANSPOSE:
+        if EVEN:
+            return tl.broadcast_to(ok[None, :], (channels.shape[0], ok.shape[0]))
+        return (channels < C)[:, None] & ok[None, :]
+    else:
+        if EVEN:
+            return tl.broadcast_to(ok[:, None], (ok.shape[0], channels.shape[0]))
+        return ok[:, None] & (channels < C)[None, :]
+
+
+@triton.jit
+def _load(base, y, x, ok, channels, C, sc, sh, sw, TRANSPOSE: tl.constexpr,
+          MASKED: tl.constexpr, EVEN: tl.constexpr):
+    """``(pixels, channels)`` of a map (strides from :func:`_layout`), or
+    ``(channels, pixels)`` with ``TRANSPOSE``. ``MASKED``: zeros outside
+    the image and past C channels; otherwise (the loads inside the halo
+    loops: no per-element predicates) whatever lies at the clamped pixel
+    and channel, for the caller to mask out of the softmax or multiply by
+    the other operand's zero channels. ``EVEN``: C is the block's width."""
+    if MASKED:
+        return tl.load(base + _offsets(y, x, channels, sc, sh, sw, TRANSPOSE),
+                       mask=_tile_mask(ok, channels, C, EVEN, TRANSPOSE), other=0.0)
+    else:
+        if not EVEN:
+            channels = tl.minimum(channels, C - 1)
+        return tl.load(base + _offsets(y, x, channels, sc, sh, sw, TRANSPOSE))
+
+
+@triton.jit
+def _store(base, tile, y, x, ok, channels, C, sc, sh, sw, EVEN: tl.constexpr):
+    tl.store(base + _offsets(y, x, channels, sc, sh, sw, False),
+             tile.to(base.dtype.element_ty), mask=_tile_mask(ok, channels, C, EVEN, False))
 
 
 @triton.jit
@@ -435,15 +481,21 @@ def _halo_block(block, KW, TILE_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W:
 
 @_jit
 def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
-                    sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
-                    sob, son, soc, soh,
+                    sqb, sqn, sqc, sqh, sqw, skb, skn, skc, skh, skw,
+                    svb, svn, svc, svh, svw,
+                    sob, son, soc, soh, sow,
                     H, W, N, D, DV, DR, KH, KW, DH, DW,
                     HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, EVEN: tl.constexpr,
                     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_HALO: tl.constexpr):
     """Output and log-sum-exp (log2 units) of one tile of queries."""
+    sqb, sqn, sqc, sqh, sqw = _layout(sqb, sqn, sqc, sqh, sqw, CHANNELS_LAST)
+    skb, skn, skc, skh, skw = _layout(skb, skn, skc, skh, skw, CHANNELS_LAST)
+    svb, svn, svc, svh, svw = _layout(svb, svn, svc, svh, svw, CHANNELS_LAST)
+    sob, son, soc, soh, sow = _layout(sob, son, soc, soh, sow, CHANNELS_LAST)
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
     n = bn % N
@@ -451,7 +503,7 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
     qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, False, True)
+    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, sqw, False, True, EVEN)
     K += b * skb + n * skn
     V += b * svb + n * svn
     # A finite start: keys that do not exist (-inf) give exp2(-inf - m) = 0.
@@ -469,9 +521,9 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
                                              BLOCK_H, BLOCK_W)
         kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
         if HAS_KEY:
-            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN)
         s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
-        v = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, False, False)
+        v = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, False, False, EVEN)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         scale = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -479,7 +531,7 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
         acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, PRODUCTS)
         m = m_new
     denom = tl.where(denom > 0, denom, 1.0)  # only pixels outside the image have 0
-    _store(OUT + b * sob + n * son, acc / denom[:, None], y, x, q_ok, dv, DV, soc, soh)
+    _store(OUT + b * sob + n * son, acc / denom[:, None], y, x, q_ok, dv, DV, soc, soh, sow, EVEN)
     tl.store(LSE + (bn * H + y) * W + x, m + tl.log2(denom), mask=q_ok)
 
 
@@ -497,10 +549,12 @@ def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.conste
 
 @_jit
 def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
-                           sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
-                           sgb, sgn, sgc, sgh, sob, son, soc, soh,
+                           sqb, sqn, sqc, sqh, sqw, skb, skn, skc, skh, skw,
+                           svb, svn, svc, svh, svw,
+                           sgb, sgn, sgc, sgh, sgw, sob, son, soc, soh, sow,
                            H, W, N, D, DV, DR, KH, KW, DH, DW,
                            HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
+                           CHANNELS_LAST: tl.constexpr, EVEN: tl.constexpr,
                            TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -508,6 +562,11 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
     """delta (stored) and the q.k share of dq of one tile of queries: two
     walks over the halo, ``delta_i = sum_j P_ij dP_ij`` (= dout_i . out_i),
     then ``dq = dS @ K`` with ``dS = P (dP - delta)``."""
+    sqb, sqn, sqc, sqh, sqw = _layout(sqb, sqn, sqc, sqh, sqw, CHANNELS_LAST)
+    skb, skn, skc, skh, skw = _layout(skb, skn, skc, skh, skw, CHANNELS_LAST)
+    svb, svn, svc, svh, svw = _layout(svb, svn, svc, svh, svw, CHANNELS_LAST)
+    sgb, sgn, sgc, sgh, sgw = _layout(sgb, sgn, sgc, sgh, sgw, CHANNELS_LAST)
+    sob, son, soc, soh, sow = _layout(sob, son, soc, soh, sow, CHANNELS_LAST)
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
     n = bn % N
@@ -515,8 +574,8 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
     qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, False, True)
-    dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, False, True)
+    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, sqw, False, True, EVEN)
+    dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, sgw, False, True, EVEN)
     lse = tl.load(LSE + (bn * H + y) * W + x, mask=q_ok, other=0.0)
     K += b * skb + n * skn
     V += b * svb + n * svn
@@ -532,8 +591,8 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
                                              BLOCK_H, BLOCK_W)
         kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
         if HAS_KEY:
-            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
-        vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN)
+        vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN)
         p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                 BLOCK_H, BLOCK_W)
         delta += tl.sum(p * dp, axis=1)
@@ -544,21 +603,23 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
             hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
             ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
                                                  BLOCK_H, BLOCK_W)
-            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
-            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN)
+            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN)
             p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS)
-    _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh)
+    _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh, sow, EVEN)
 
 
 @_jit
 def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
-                            sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
-                            sgb, sgn, sgc, sgh, sob, son, soc, soh,
+                            sqb, sqn, sqc, sqh, sqw, skb, skn, skc, skh, skw,
+                            svb, svn, svc, svh, svw,
+                            sgb, sgn, sgc, sgh, sgw, sob, son, soc, soh, sow,
                             H, W, N, D, DV, DR, KH, KW, DH, DW, tile_rows,
                             HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
+                            CHANNELS_LAST: tl.constexpr, EVEN: tl.constexpr,
                             TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -569,6 +630,11 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
     column, shifted to each query's taps (``dA``, ``dB``), then
     ``dq += dA @ RowT^T + dB @ ColT^T`` and ``DREL[program] += Q^T @ [dA |
     dB]`` as ``(BLOCK_D, 2 * BLOCK_T)``."""
+    sqb, sqn, sqc, sqh, sqw = _layout(sqb, sqn, sqc, sqh, sqw, CHANNELS_LAST)
+    skb, skn, skc, skh, skw = _layout(skb, skn, skc, skh, skw, CHANNELS_LAST)
+    svb, svn, svc, svh, svw = _layout(svb, svn, svc, svh, svw, CHANNELS_LAST)
+    sgb, sgn, sgc, sgh, sgw = _layout(sgb, sgn, sgc, sgh, sgw, CHANNELS_LAST)
+    sob, son, soc, soh, sow = _layout(sob, son, soc, soh, sow, CHANNELS_LAST)
     BLOCK_DQ: tl.constexpr = 16
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
@@ -596,8 +662,8 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
         ry, rx, sy0, sx0, _ = _lattice_tile(first_tile + r * tiles_w, H, W, DH, DW,
                                             TILE_H, TILE_W)
         qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
-        q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, False, True)
-        dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, False, True)
+        q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, sqw, False, True, EVEN)
+        dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, sgw, False, True, EVEN)
         pixel = (bn * H + y) * W + x
         lse = tl.load(LSE + pixel, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + pixel, mask=q_ok, other=0.0)
@@ -614,8 +680,8 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
                                                  BLOCK_H, BLOCK_W)
             kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
             if HAS_KEY:
-                kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, True, False)
-            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, True, False)
+                kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN)
+            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN)
             p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
@@ -629,8 +695,8 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
         # reloaded, from cache): whole, they would spill at D >= 64.
         for d0 in range(0, BLOCK_D, BLOCK_DQ):
             dc = d0 + tl.arange(0, BLOCK_DQ)
-            dq_ptr = DQ + b * sob + n * son + dc[None, :] * soc + (y * soh + x)[:, None]
-            dq_ok = q_ok[:, None] & (dc < D)[None, :]
+            dq_ptr = DQ + b * sob + n * son + _offsets(y, x, dc, soc, soh, sow, False)
+            dq_ok = _tile_mask(q_ok, dc, D, EVEN, False)
             row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_DQ, BLOCK_T,
                                            True, d0)
             if DQ.dtype.element_ty == tl.float32:
@@ -641,7 +707,8 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
                       + _dot_f32_by_bf16(grad_b, col_table, PRODUCTS))
             dq += tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
             tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_ok)
-            q_slice = _load(Q + b * sqb + n * sqn, y, x, q_ok, dc, D, sqc, sqh, True, True)
+            q_slice = _load(Q + b * sqb + n * sqn, y, x, q_ok, dc, D, sqc, sqh, sqw, True, True,
+                            EVEN)
             slice_sums = partial + d0 * 2 * BLOCK_T
             tl.store(slice_sums, tl.load(slice_sums)
                      + _dot_exact_by_f32(q_slice, grad_a, PRODUCTS))
@@ -651,10 +718,12 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
 
 @_jit
 def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
-                         sqb, sqn, sqc, sqh, skb, skn, skc, skh, svb, svn, svc, svh,
-                         sgb, sgn, sgc, sgh, sob, son, soc, soh, swb, swn, swc, swh,
+                         sqb, sqn, sqc, sqh, sqw, skb, skn, skc, skh, skw,
+                         svb, svn, svc, svh, svw,
+                         sgb, sgn, sgc, sgh, sgw, sob, son, soc, soh, sow, swb, swn, swc, swh, sww,
                          H, W, N, D, DV, DR, KH, KW, DH, DW,
                          HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
+                         CHANNELS_LAST: tl.constexpr, EVEN: tl.constexpr,
                          TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -662,6 +731,12 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
     """dk and dv of one tile of keys, from the queries whose windows cover
     them: ``dV = P^T @ dO``, ``dK = dS^T @ Q`` (strides ``so*`` of dK,
     ``sw*`` of dV)."""
+    sqb, sqn, sqc, sqh, sqw = _layout(sqb, sqn, sqc, sqh, sqw, CHANNELS_LAST)
+    skb, skn, skc, skh, skw = _layout(skb, skn, skc, skh, skw, CHANNELS_LAST)
+    svb, svn, svc, svh, svw = _layout(svb, svn, svc, svh, svw, CHANNELS_LAST)
+    sgb, sgn, sgc, sgh, sgw = _layout(sgb, sgn, sgc, sgh, sgw, CHANNELS_LAST)
+    sob, son, soc, soh, sow = _layout(sob, son, soc, soh, sow, CHANNELS_LAST)
+    swb, swn, swc, swh, sww = _layout(swb, swn, swc, swh, sww, CHANNELS_LAST)
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
     n = bn % N
@@ -671,8 +746,8 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
     dv = tl.arange(0, BLOCK_DV)
     kT = tl.zeros([BLOCK_D, TILE_H * TILE_W], DOUT.dtype.element_ty)
     if HAS_KEY:
-        kT = _load(K + b * skb + n * skn, key_y, key_x, k_ok, d, D, skc, skh, True, True)
-    vT = _load(V + b * svb + n * svn, key_y, key_x, k_ok, dv, DV, svc, svh, True, True)
+        kT = _load(K + b * skb + n * skn, key_y, key_x, k_ok, d, D, skc, skh, skw, True, True, EVEN)
+    vT = _load(V + b * svb + n * svn, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, True, EVEN)
     row_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
     col_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
     if HAS_REL:
@@ -689,8 +764,8 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
         hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
         qy, qx, y, x, q_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
                                      BLOCK_H, BLOCK_W)
-        q = _load(Q, y, x, q_ok, d, D, sqc, sqh, False, False)
-        dout = _load(DOUT, y, x, q_ok, dv, DV, sgc, sgh, False, False)
+        q = _load(Q, y, x, q_ok, d, D, sqc, sqh, sqw, False, False, EVEN)
+        dout = _load(DOUT, y, x, q_ok, dv, DV, sgc, sgh, sgw, False, False, EVEN)
         pixel = (bn * H + y) * W + x
         lse = tl.load(LSE + pixel)
         a_row = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_T], tl.float32)
@@ -707,9 +782,9 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
             delta = tl.load(DELTA + pixel)
             ds = p * (_dot(dout, vT, PRODUCTS) - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, PRODUCTS)
-    _store(DV_ + b * swb + n * swn, dval, key_y, key_x, k_ok, dv, DV, swc, swh)
+    _store(DV_ + b * swb + n * swn, dval, key_y, key_x, k_ok, dv, DV, swc, swh, sww, EVEN)
     if HAS_KEY:
-        _store(DK + b * sob + n * son, dk, key_y, key_x, k_ok, d, D, soc, soh)
+        _store(DK + b * sob + n * son, dk, key_y, key_x, k_ok, d, D, soc, soh, sow, EVEN)
 
 
 # ---------------------------------------------------------------------------
@@ -733,17 +808,47 @@ def _on_device(tensor):
     return torch.cuda.device(tensor.device)
 
 
-def _planar(t):
-    """``t`` with a unit column stride (the layout the kernels address; any
-    other strides), copying only if needed."""
-    if t.stride(-1) == 1 or t.shape[-1] == 1:
-        return t
-    return t.contiguous()
+def channels_last(*maps) -> bool:
+    """Whether the kernels address these ``(B, N, D, H, W)`` maps (None
+    skipped) channels-last, with vector loads: each with channel stride 1
+    and its other strides and width D multiples of ``VECTOR`` elements (as
+    the views of a channels-last projection are); otherwise planar, with a
+    unit column stride. Reads only shapes and strides (also of fake
+    tensors)."""
+    maps = [t for t in maps if t is not None]
+    return all(t.stride(2) == 1 and t.shape[2] % VECTOR == 0
+               and all(stride % VECTOR == 0 for dim, (size, stride)
+                       in enumerate(zip(t.shape, t.stride())) if dim != 2 and size > 1)
+               for t in maps)
 
 
-def _strides(t) -> tuple:
-    """Batch, head, channel and row strides."""
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+def empty_map(shape, like, channels_last_layout: bool):
+    """An empty ``(B, N, D, H, W)`` map of ``like``'s dtype and device, in
+    the kernels' channels-last layout (``(B, H, W, N, D)`` in memory) or
+    contiguous."""
+    if not channels_last_layout:
+        return like.new_empty(shape)
+    batch, heads, dim, height, width = shape
+    return like.new_empty((batch, height, width, heads, dim)).permute(0, 3, 4, 1, 2)
+
+
+def _in_layout(t, channels_last_layout: bool):
+    """``t`` addressable in the given layout, copied only if it is not."""
+    if t is None:
+        return None
+    if channels_last_layout:
+        return t if channels_last(t) else empty_map(t.shape, t, True).copy_(t)
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _strides(t, channels_last_layout: bool) -> tuple:
+    """Batch, head, channel, row and column strides, as the kernels take
+    them: in units of ``VECTOR`` elements for channels-last maps (and 0
+    where the size is 1), see ``_layout``."""
+    if not channels_last_layout:
+        return tuple(t.stride())
+    return tuple(0 if size == 1 else stride // VECTOR
+                 for size, stride in zip(t.shape, t.stride()))
 
 
 def _grid_tiles(height, width, dilation) -> int:
@@ -762,18 +867,21 @@ def products_mode(dtype: torch.dtype) -> int:
     return 1 if INTERPRETED else 0
 
 
-def _launch_args(query, key, value, rel_row, rel_col, window, dilation) -> tuple:
+def _launch_args(query, key, value, rel_row, rel_col, window, dilation, layout) -> tuple:
     """Tensors, strides and geometry shared by the launches, and each
-    kernel's constexprs and options (by name)."""
+    kernel's constexprs and options (by name); ``layout``: channels-last
+    (True) or planar."""
     _, heads, dim, _, _ = query.shape
     has_key, has_rel = key is not None, rel_row is not None
     tables = (rel_row.contiguous(), rel_col.contiguous()) if has_rel else (query, query)
     tensors = (query, key if has_key else query, value, *tables)  # placeholders never read
-    strides = (*_strides(query), *_strides(tensors[1]), *_strides(value))
+    strides = tuple(s for t in tensors[:3] for s in _strides(t, layout))
     dim_row = rel_row.shape[-1] if has_rel else 0
     geometry = (*query.shape[3:], heads, dim, value.shape[2], dim_row, *window, *dilation)
-    shared = dict(HAS_KEY=has_key, HAS_REL=has_rel, PRODUCTS=products_mode(query.dtype))
     blocks = block_config(dim, value.shape[2], window, query.element_size())
+    shared = dict(HAS_KEY=has_key, HAS_REL=has_rel, PRODUCTS=products_mode(query.dtype),
+                  CHANNELS_LAST=layout,
+                  EVEN=dim == blocks['BLOCK_D'] and value.shape[2] == blocks['BLOCK_DV'])
     flags = {}
     for kernel in KERNELS:
         kernel_blocks, options = kernel_config(kernel, blocks)
@@ -782,21 +890,28 @@ def _launch_args(query, key, value, rel_row, rel_col, window, dilation) -> tuple
 
 
 def forward(query, key, value, rel_row, rel_col, window, dilation, keep_attention):
-    """Returns ``(out, lse)``: out in v's dtype, lse ``(B, N, H, W)`` float32
-    (log2 units). ``keep_attention`` is ignored: the map is never stored."""
+    """Returns ``(out, lse)``: out in v's dtype, in the kernels' layout
+    (:func:`output_layout`), lse ``(B, N, H, W)`` float32 (log2 units).
+    ``keep_attention`` is ignored: the map is never stored."""
     _check_head_widths(query, value)
     batch, heads, _, height, width = query.shape
-    query, value = _planar(query), _planar(value)
-    key = None if key is None else _planar(key)
-    out = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    layout = channels_last(query, key, value)
+    query, key, value = (_in_layout(t, layout) for t in (query, key, value))
+    out = empty_map(value.shape, value, layout)
     lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=query.device)
     tensors, strides, geometry, flags = _launch_args(query, key, value, rel_row, rel_col,
-                                                     window, dilation)
+                                                     window, dilation, layout)
     with _on_device(query):
         _forward_kernel[(_grid_tiles(height, width, dilation), batch * heads)](
-            *tensors, out, lse, *strides, *_strides(out), *geometry,
+            *tensors, out, lse, *strides, *_strides(out, layout), *geometry,
             **flags['_forward_kernel'])
     return out, lse
+
+
+def output_layout(query, key, value) -> bool:
+    """Whether :func:`forward` returns its output channels-last (as
+    :func:`empty_map` makes it): when it reads q, k, v so."""
+    return channels_last(query, key, value)
 
 
 def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, dilation,
@@ -806,15 +921,15 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     kernels recompute what they need from ``lse``): it may be None."""
     _check_head_widths(query, value)
     batch, heads, dim, height, width = query.shape
-    query, value, grad_out = _planar(query), _planar(value), _planar(grad_out)
-    key = None if key is None else _planar(key)
+    layout = channels_last(query, key, value)
+    query, key, value, grad_out = (_in_layout(t, layout) for t in (query, key, value, grad_out))
     tensors, strides, geometry, flags = _launch_args(query, key, value, rel_row, rel_col,
-                                                     window, dilation)
+                                                     window, dilation, layout)
     has_rel = rel_row is not None
-    # The kernels write the given buffers when their columns are contiguous
-    # (as the layer's packed ones are), others a copy.
+    # The kernels write the given buffers when they are in the kernels'
+    # layout (as the layer's packed ones are), others a copy.
     buffers = (grad_query, grad_key, grad_value)
-    grad_q, grad_k, grad_v = [None if t is None else _planar(t) for t in buffers]
+    grad_q, grad_k, grad_v = (_in_layout(t, layout) for t in buffers)
     delta = torch.empty((batch, heads, height, width), dtype=torch.float32,
                         device=query.device)
     dh, dw = dilation
@@ -831,17 +946,17 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     tile_grid = (_grid_tiles(height, width, dilation), batch * heads)
     with _on_device(query):
         _backward_query_kernel[tile_grid](
-            *tensors, grad_out, lse, delta, grad_q, *strides, *_strides(grad_out),
-            *_strides(grad_q), *geometry, **flags['_backward_query_kernel'])
+            *tensors, grad_out, lse, delta, grad_q, *strides, *_strides(grad_out, layout),
+            *_strides(grad_q, layout), *geometry, **flags['_backward_query_kernel'])
         if has_rel:  # after the query kernel: adds to its dq, reads its delta
             _backward_tables_kernel[tables_grid](
                 *tensors, grad_out, lse, delta, grad_q, partial, *strides,
-                *_strides(grad_out), *_strides(grad_q), *geometry, tile_rows,
+                *_strides(grad_out, layout), *_strides(grad_q, layout), *geometry, tile_rows,
                 **flags['_backward_tables_kernel'])
         grad_k = grad_q if grad_k is None else grad_k  # never written without HAS_KEY
         _backward_key_kernel[tile_grid](
-            *tensors, grad_out, lse, delta, grad_k, grad_v, *strides, *_strides(grad_out),
-            *_strides(grad_k), *_strides(grad_v), *geometry,
+            *tensors, grad_out, lse, delta, grad_k, grad_v, *strides, *_strides(grad_out, layout),
+            *_strides(grad_k, layout), *_strides(grad_v, layout), *geometry,
             **flags['_backward_key_kernel'])
     for buffer, written in zip(buffers, (grad_q, grad_k, grad_v)):
         if buffer is not None and written is not buffer:
@@ -857,6 +972,8 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     return grad_rel_row.contiguous(), grad_rel_col.contiguous()
 
 
+
+
 # ---------------------------------------------------------------------------
 # For compile checks without a GPU (tools/analysis): what a launch compiles.
 
@@ -868,7 +985,7 @@ _TRITON_DTYPES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 
 
 def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_dim: int = None,
                         window=(7, 7), has_key: bool = True, has_rel: bool = True,
-                        tf32: bool = False) -> tuple:
+                        tf32: bool = False, channels_last_layout: bool = False) -> tuple:
     """``(fn, signature, constexprs, attrs, options)`` for
     ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
     target=GPUTarget('cuda', arch, 32), options=options)``, specialised as a
@@ -885,7 +1002,10 @@ def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_di
     blocks, options = kernel_config(kernel, block_config(
         head_dim, value_dim, window, torch.empty((), dtype=dtype).element_size()))
     constexprs = dict(HAS_KEY=has_key, HAS_REL=has_rel,
-                      PRODUCTS=2 if tf32 and dtype == torch.float32 else 0, **blocks)
+                      PRODUCTS=2 if tf32 and dtype == torch.float32 else 0,
+                      CHANNELS_LAST=channels_last_layout,
+                      EVEN=head_dim == blocks['BLOCK_D'] and value_dim == blocks['BLOCK_DV'],
+                      **blocks)
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
