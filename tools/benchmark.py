@@ -309,8 +309,10 @@ def _run_cuda_layer_case(case: dict) -> dict:
         cls = _flex_layer_class() if impl == 'flex' else LocalSelfAttention2d
         layer = cls(channels, channels, 3, padding=1, window_size=7, num_heads=8,
                     impl='auto' if impl == 'flex' else impl)
-    layer = layer.cuda()
-    x = torch.randn(batch, channels, height, width, device='cuda', requires_grad=True)
+    memory_format = getattr(torch, case.get('memory_format', 'contiguous_format'))
+    layer = layer.cuda().to(memory_format=memory_format)
+    x = torch.randn(batch, channels, height, width, device='cuda')
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
     dtype = getattr(torch, case['dtype'])
 
     def step():
@@ -335,12 +337,13 @@ def _cuda_layer_rows(args) -> list:
         for shape in PRESETS[preset]:
             for dtype in args.dtypes:
                 case = dict(kind='layer', batch=batch, shape=shape, dtype=dtype,
-                            repeats=args.repeats)
+                            repeats=args.repeats, memory_format=args.memory_format)
                 base = _run_cuda_layer_case(dict(case, op='conv3x3'))
                 for impl in impls:
                     label = f'{impl} {dtype} {batch}x{shape}'
                     row = dict(kind='layer', label=label, shape=shape, batch=batch, dtype=dtype,
                                impl=f'{impl} {dtype}', preset=preset,
+                               memory_format=args.memory_format,
                                conv_time_s=base['time_s'], conv_extra_mb=base['extra_mb'])
                     if impl == 'flex' and shape[0] // 8 < 16:
                         continue  # FlexAttention needs head widths of at least 16
@@ -493,6 +496,11 @@ def main():
                         help='also time the attention models with each memory lever '
                         '(implies --models)')
     parser.add_argument('--no-layers', action='store_true', help='skip the layer cases')
+    parser.add_argument('--memory-format', choices=['contiguous_format', 'channels_last'],
+                        default='contiguous_format',
+                        help='--device cuda: the layers\' input and the convolution\'s '
+                             'weights in this memory format (channels_last: the Triton '
+                             'kernels\' vector loads, cuDNN\'s NHWC kernels)')
     parser.add_argument('--image-size', type=int, default=640)
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--threads', type=int, default=None,

@@ -18,7 +18,7 @@
 # machines' Python 3.12, torch 2.11+cu130, triton 3.6). mmengine, pytest and
 # their pure-Python dependencies are taken from build/gpu_wheels/ when they
 # are not installed (a GPU node without a package registry: fetch the wheels
-# elsewhere, copy the folder along). mmdet and mmcv are optional (step 10):
+# elsewhere, copy the folder along). mmdet and mmcv are optional (step 11):
 # the layer and its kernels use neither. PYTHON picks the interpreter (default: python3).
 #
 # Steps (budget in seconds, each also bounded by what is left):
@@ -36,8 +36,10 @@
 #                                                                   -> san_tests.log/.xml
 #   8. SAN's ops, Triton beside PyTorch, forward and forward+backward,
 #      batch 8, 256 channels, 80x80, window 7, bf16 (40)             -> san_ops.md/.json
-#   9. optional, if at least 60 s are left: FlexAttention peer, bf16 -> benchmark-flex/
-#  10. optional, with mmdet and mmcv's CUDA ops and 120 s left: a training
+#   9. optional, if at least 60 s are left: channels-last inputs, Triton
+#      (vector loads) beside cuDNN's NHWC convolution, bf16          -> benchmark-channels-last/
+#  10. optional, if at least 60 s are left: FlexAttention peer, bf16 -> benchmark-flex/
+#  11. optional, with mmdet and mmcv's CUDA ops and 120 s left: a training
 #      step of each Table 2 model, bf16                              -> benchmark-models/
 # gpu_check.log has all of it as it ran. Exit status: 0 when the tests
 # (SASA's and SAN's) and the main benchmark passed.
@@ -110,9 +112,11 @@ if (( DRY )); then
     --out "$OUT_DIR"
   run 50 "$PY" -m pytest "${SAN_TESTS[@]}" -q
   run 40 "$PY" "${SAN_TIMING[@]}" --out "$OUT_DIR"
+  run 90 "$PY" "${BENCH[@]}" --repeats 5 --impls triton --memory-format channels_last \
+    --preset resnet50-640 --preset fpn-head-640 --out "$OUT_DIR/benchmark-channels-last"
   run 90 "$PY" "${BENCH[@]}" --repeats 5 --impls triton flex --preset resnet50-640 \
     --preset fpn-head-640 --out "$OUT_DIR/benchmark-flex"
-  echo "(step 10 only with mmdet and mmcv's CUDA ops:)"
+  echo "(step 11 only with mmdet and mmcv's CUDA ops:)"
   echo "+ timeout 110 $PY ${BENCH[*]} --models --no-layers --repeats 3 --out $OUT_DIR/benchmark-models"
   exit 0
 fi
@@ -216,21 +220,30 @@ TRITON_INTERPRET=0 run 40 "$PY" "${SAN_TIMING[@]}" --out "$OUT_DIR"
 say "SAN timing exit code $? ($(left) s left)"
 
 if (( $(left) >= 60 )); then
-  say "9. benchmark, bf16: FlexAttention peer (exact SASA mask and q.r) at the 640 shapes"
+  say "9. benchmark, bf16: channels-last inputs, Triton beside cuDNN's NHWC convolution"
+  run 90 "$PY" "${BENCH[@]}" --repeats 5 --impls triton --memory-format channels_last \
+    --preset resnet50-640 --preset fpn-head-640 --out "$OUT_DIR/benchmark-channels-last"
+  say "channels-last benchmark exit code $? ($(left) s left)"
+else
+  say "9. channels-last benchmark skipped ($(left) s left)"
+fi
+
+if (( $(left) >= 60 )); then
+  say "10. benchmark, bf16: FlexAttention peer (exact SASA mask and q.r) at the 640 shapes"
   run 90 "$PY" "${BENCH[@]}" --repeats 5 --impls triton flex --preset resnet50-640 \
     --preset fpn-head-640 \
     --out "$OUT_DIR/benchmark-flex"
   say "flex benchmark exit code $?"
 else
-  say "9. FlexAttention peer skipped ($(left) s left)"
+  say "10. FlexAttention peer skipped ($(left) s left)"
 fi
 
 if "$PY" -c 'import mmdet, mmcv.ops' 2>/dev/null && (( $(left) >= 120 )); then
-  say "10. benchmark, bf16: a training step of each Table 2 model (mmdet and mmcv are here)"
+  say "11. benchmark, bf16: a training step of each Table 2 model (mmdet and mmcv are here)"
   run 110 "$PY" "${BENCH[@]}" --models --no-layers --repeats 3 --out "$OUT_DIR/benchmark-models"
   say "model benchmark exit code $?"
 else
-  say "10. model training steps skipped (needs mmdet and mmcv's CUDA ops, and 120 s; $(left) s left)"
+  say "11. model training steps skipped (needs mmdet and mmcv's CUDA ops, and 120 s; $(left) s left)"
 fi
 
 say "done in $((SECONDS - START)) s; outputs in $OUT_DIR"
