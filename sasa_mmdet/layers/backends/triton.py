@@ -285,42 +285,59 @@ def _offsets(y, x, channels, sc, sh, sw, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _tile_mask(ok, channels, C, EVEN: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """Pixels in the image and channels below C (all of them when
-    ``EVEN``: a mask constant along the channels lets the loads and stores
-    of channels-last maps be vectorised), shaped as :func:`_offsets`."""
+def _tile_mask(ok, channels, C, EVEN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+               TRANSPOSE: tl.constexpr):
+    """Pixels in the image and channels below C, shaped as :func:`_offsets`.
+    A mask constant along runs of channels keeps channels-last loads and
+    stores vectorised: with ``EVEN`` (C is the block's width) it is the
+    pixels' alone; channels-last, C is a multiple of ``VECTOR``, and the
+    compiler is told so."""
+    if CHANNELS_LAST:
+        C = (C // 8) * 8  # = C (VECTOR)
     if TRANSPOSE:
         if EVEN:
-            return tl.broadcast_to(ok[None, :], (channels.shape[0], ok.shape[0]))
-        return (channels < C)[:, None] & ok[None, :]
+            mask = tl.broadcast_to(ok[None, :], (channels.shape[0], ok.shape[0]))
+        else:
+            mask = (channels < C)[:, None] & ok[None, :]
     else:
         if EVEN:
-            return tl.broadcast_to(ok[:, None], (ok.shape[0], channels.shape[0]))
-        return ok[:, None] & (channels < C)[None, :]
+            mask = tl.broadcast_to(ok[:, None], (ok.shape[0], channels.shape[0]))
+        else:
+            mask = ok[:, None] & (channels < C)[None, :]
+    return mask
 
 
 @triton.jit
 def _load(base, y, x, ok, channels, C, sc, sh, sw, TRANSPOSE: tl.constexpr,
-          MASKED: tl.constexpr, EVEN: tl.constexpr):
+          MASKED: tl.constexpr, EVEN: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """``(pixels, channels)`` of a map (strides from :func:`_layout`), or
     ``(channels, pixels)`` with ``TRANSPOSE``. ``MASKED``: zeros outside
     the image and past C channels; otherwise (the loads inside the halo
-    loops: no per-element predicates) whatever lies at the clamped pixel
-    and channel, for the caller to mask out of the softmax or multiply by
-    the other operand's zero channels. ``EVEN``: C is the block's width."""
+    loops: no per-pixel predicates) whatever lies at the clamped pixel, for
+    the caller to mask out of the softmax, and channels past C clamped
+    (planar) or zero (channels-last: masked, vectorised), for the other
+    operand's zero channels to meet. ``EVEN``: C is the block's width."""
     if MASKED:
-        return tl.load(base + _offsets(y, x, channels, sc, sh, sw, TRANSPOSE),
-                       mask=_tile_mask(ok, channels, C, EVEN, TRANSPOSE), other=0.0)
+        tile = tl.load(base + _offsets(y, x, channels, sc, sh, sw, TRANSPOSE), other=0.0,
+                       mask=_tile_mask(ok, channels, C, EVEN, CHANNELS_LAST, TRANSPOSE))
+    elif EVEN:
+        tile = tl.load(base + _offsets(y, x, channels, sc, sh, sw, TRANSPOSE))
+    elif CHANNELS_LAST:
+        tile = tl.load(base + _offsets(y, x, channels, sc, sh, sw, TRANSPOSE), other=0.0,
+                       mask=_tile_mask(tl.full(ok.shape, True, tl.int1), channels, C, EVEN,
+                                       CHANNELS_LAST, TRANSPOSE))
     else:
-        if not EVEN:
-            channels = tl.minimum(channels, C - 1)
-        return tl.load(base + _offsets(y, x, channels, sc, sh, sw, TRANSPOSE))
+        channels = tl.minimum(channels, C - 1)
+        tile = tl.load(base + _offsets(y, x, channels, sc, sh, sw, TRANSPOSE))
+    return tile
 
 
 @triton.jit
-def _store(base, tile, y, x, ok, channels, C, sc, sh, sw, EVEN: tl.constexpr):
+def _store(base, tile, y, x, ok, channels, C, sc, sh, sw, EVEN: tl.constexpr,
+           CHANNELS_LAST: tl.constexpr):
     tl.store(base + _offsets(y, x, channels, sc, sh, sw, False),
-             tile.to(base.dtype.element_ty), mask=_tile_mask(ok, channels, C, EVEN, False))
+             tile.to(base.dtype.element_ty),
+             mask=_tile_mask(ok, channels, C, EVEN, CHANNELS_LAST, False))
 
 
 @triton.jit
@@ -503,7 +520,8 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
     qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, sqw, False, True, EVEN)
+    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, sqw, False, True, EVEN,
+              CHANNELS_LAST)
     K += b * skb + n * skn
     V += b * svb + n * svn
     # A finite start: keys that do not exist (-inf) give exp2(-inf - m) = 0.
@@ -521,9 +539,9 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
                                              BLOCK_H, BLOCK_W)
         kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
         if HAS_KEY:
-            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN)
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN, CHANNELS_LAST)
         s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
-        v = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, False, False, EVEN)
+        v = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, False, False, EVEN, CHANNELS_LAST)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         scale = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -531,7 +549,8 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
         acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, PRODUCTS)
         m = m_new
     denom = tl.where(denom > 0, denom, 1.0)  # only pixels outside the image have 0
-    _store(OUT + b * sob + n * son, acc / denom[:, None], y, x, q_ok, dv, DV, soc, soh, sow, EVEN)
+    _store(OUT + b * sob + n * son, acc / denom[:, None], y, x, q_ok, dv, DV, soc, soh, sow, EVEN,
+           CHANNELS_LAST)
     tl.store(LSE + (bn * H + y) * W + x, m + tl.log2(denom), mask=q_ok)
 
 
@@ -574,8 +593,10 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
     qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, sqw, False, True, EVEN)
-    dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, sgw, False, True, EVEN)
+    q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, sqw, False, True, EVEN,
+              CHANNELS_LAST)
+    dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, sgw, False, True, EVEN,
+                 CHANNELS_LAST)
     lse = tl.load(LSE + (bn * H + y) * W + x, mask=q_ok, other=0.0)
     K += b * skb + n * skn
     V += b * svb + n * svn
@@ -591,8 +612,8 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
                                              BLOCK_H, BLOCK_W)
         kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
         if HAS_KEY:
-            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN)
-        vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN)
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN, CHANNELS_LAST)
+        vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN, CHANNELS_LAST)
         p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                 BLOCK_H, BLOCK_W)
         delta += tl.sum(p * dp, axis=1)
@@ -603,13 +624,14 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
             hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
             ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
                                                  BLOCK_H, BLOCK_W)
-            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN)
-            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN)
+            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN, CHANNELS_LAST)
+            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN,
+                       CHANNELS_LAST)
             p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS)
-    _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh, sow, EVEN)
+    _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh, sow, EVEN, CHANNELS_LAST)
 
 
 @_jit
@@ -662,8 +684,10 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
         ry, rx, sy0, sx0, _ = _lattice_tile(first_tile + r * tiles_w, H, W, DH, DW,
                                             TILE_H, TILE_W)
         qy, qx, y, x, q_ok = _pixels(ry, rx, sy0, sx0, H, W, DH, DW, TILE_H, TILE_W)
-        q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, sqw, False, True, EVEN)
-        dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, sgw, False, True, EVEN)
+        q = _load(Q + b * sqb + n * sqn, y, x, q_ok, d, D, sqc, sqh, sqw, False, True, EVEN,
+                  CHANNELS_LAST)
+        dout = _load(DOUT + b * sgb + n * sgn, y, x, q_ok, dv, DV, sgc, sgh, sgw, False, True,
+                     EVEN, CHANNELS_LAST)
         pixel = (bn * H + y) * W + x
         lse = tl.load(LSE + pixel, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + pixel, mask=q_ok, other=0.0)
@@ -680,8 +704,10 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
                                                  BLOCK_H, BLOCK_W)
             kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
             if HAS_KEY:
-                kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN)
-            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN)
+                kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN,
+                           CHANNELS_LAST)
+            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN,
+                       CHANNELS_LAST)
             p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
@@ -696,7 +722,7 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
         for d0 in range(0, BLOCK_D, BLOCK_DQ):
             dc = d0 + tl.arange(0, BLOCK_DQ)
             dq_ptr = DQ + b * sob + n * son + _offsets(y, x, dc, soc, soh, sow, False)
-            dq_ok = _tile_mask(q_ok, dc, D, EVEN, False)
+            dq_ok = _tile_mask(q_ok, dc, D, EVEN, CHANNELS_LAST, False)
             row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_DQ, BLOCK_T,
                                            True, d0)
             if DQ.dtype.element_ty == tl.float32:
@@ -708,7 +734,7 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
             dq += tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
             tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_ok)
             q_slice = _load(Q + b * sqb + n * sqn, y, x, q_ok, dc, D, sqc, sqh, sqw, True, True,
-                            EVEN)
+                            EVEN, CHANNELS_LAST)
             slice_sums = partial + d0 * 2 * BLOCK_T
             tl.store(slice_sums, tl.load(slice_sums)
                      + _dot_exact_by_f32(q_slice, grad_a, PRODUCTS))
@@ -746,8 +772,10 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
     dv = tl.arange(0, BLOCK_DV)
     kT = tl.zeros([BLOCK_D, TILE_H * TILE_W], DOUT.dtype.element_ty)
     if HAS_KEY:
-        kT = _load(K + b * skb + n * skn, key_y, key_x, k_ok, d, D, skc, skh, skw, True, True, EVEN)
-    vT = _load(V + b * svb + n * svn, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, True, EVEN)
+        kT = _load(K + b * skb + n * skn, key_y, key_x, k_ok, d, D, skc, skh, skw, True, True,
+                   EVEN, CHANNELS_LAST)
+    vT = _load(V + b * svb + n * svn, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, True, EVEN,
+               CHANNELS_LAST)
     row_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
     col_table = tl.zeros([BLOCK_D, BLOCK_T], tl.float32)
     if HAS_REL:
@@ -764,8 +792,8 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
         hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
         qy, qx, y, x, q_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
                                      BLOCK_H, BLOCK_W)
-        q = _load(Q, y, x, q_ok, d, D, sqc, sqh, sqw, False, False, EVEN)
-        dout = _load(DOUT, y, x, q_ok, dv, DV, sgc, sgh, sgw, False, False, EVEN)
+        q = _load(Q, y, x, q_ok, d, D, sqc, sqh, sqw, False, False, EVEN, CHANNELS_LAST)
+        dout = _load(DOUT, y, x, q_ok, dv, DV, sgc, sgh, sgw, False, False, EVEN, CHANNELS_LAST)
         pixel = (bn * H + y) * W + x
         lse = tl.load(LSE + pixel)
         a_row = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_T], tl.float32)
@@ -782,9 +810,11 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
             delta = tl.load(DELTA + pixel)
             ds = p * (_dot(dout, vT, PRODUCTS) - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, PRODUCTS)
-    _store(DV_ + b * swb + n * swn, dval, key_y, key_x, k_ok, dv, DV, swc, swh, sww, EVEN)
+    _store(DV_ + b * swb + n * swn, dval, key_y, key_x, k_ok, dv, DV, swc, swh, sww, EVEN,
+           CHANNELS_LAST)
     if HAS_KEY:
-        _store(DK + b * sob + n * son, dk, key_y, key_x, k_ok, d, D, soc, soh, sow, EVEN)
+        _store(DK + b * sob + n * son, dk, key_y, key_x, k_ok, d, D, soc, soh, sow, EVEN,
+               CHANNELS_LAST)
 
 
 # ---------------------------------------------------------------------------
