@@ -83,12 +83,18 @@ def onnxruntime_extensions():
     flags = ['-O3', '-std=c++17', '-fvisibility=hidden']
     if native_build():
         flags.append('-march=native')
+    # The kernel once per instruction set, the build's own first (see
+    # csrc/local_attention_forward.inc; the library picks the CPU's best),
+    # and the onnxruntime glue.
+    csrc = 'sasa_mmdet/deployment/csrc'
     return [
         Extension(
             'sasa_mmdet.deployment._onnxruntime_ops',
-            ['sasa_mmdet/deployment/csrc/onnxruntime_local_attention.cpp'],
+            [f'{csrc}/local_attention_forward{isa}.cpp' for isa in ('', '_avx2', '_avx512')] +
+            [f'{csrc}/onnxruntime_local_attention.cpp'],
             include_dirs=[include, os.path.join(ROOT, 'sasa_mmdet', 'layers', 'csrc')],
-            depends=['sasa_mmdet/layers/csrc/local_attention_core.h'],
+            depends=['sasa_mmdet/layers/csrc/local_attention_core.h',
+                     f'{csrc}/local_attention_forward.h', f'{csrc}/local_attention_forward.inc'],
             extra_compile_args=flags,
             language='c++')
     ]

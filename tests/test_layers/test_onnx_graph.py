@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sasa_mmdet.deployment import (CUSTOM_DOMAIN, onnxruntime_ops_available,
-                                   onnxruntime_ops_path, register_onnx_symbolic)
+                                   onnxruntime_ops_path, pack_attention_inputs,
+                                   register_onnx_symbolic)
 from sasa_mmdet.layers import LocalSelfAttention2d
 from sasa_mmdet.layers.backends import onnx_graph
 from sasa_mmdet.layers.backends.reference import local_attention_reference
@@ -138,9 +139,28 @@ needs_library = pytest.mark.skipif(
     reason='the onnxruntime custom-op library is not built (no onnxruntime headers)')
 
 
+#: What $SASA_MMDET_ONNXRUNTIME_ISA may choose (the library's default is the
+#: best the CPU has).
+ISAS = ('baseline', 'avx2', 'avx512')
+
+
+def _isa_session(path, isa, monkeypatch):
+    """A session of ``path`` whose fused nodes run the kernel compiled for
+    ``isa``; None when this CPU does not have it."""
+    monkeypatch.setenv('SASA_MMDET_ONNXRUNTIME_ISA', isa)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(onnxruntime_ops_path())
+    try:
+        return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    except Exception as error:  # onnxruntime's own exception types
+        if f'this CPU does not have {isa}' in str(error):
+            return None
+        raise
+
+
 @needs_library
 @pytest.mark.parametrize('case', CASES)
-def test_fused_node_in_onnxruntime(case, tmp_path):
+def test_fused_node_in_onnxruntime(case, tmp_path, monkeypatch):
     register_onnx_symbolic(17)
     path = tmp_path / 'fused.onnx'
     session, (query, key, value, rel_row, rel_col) = _export_and_run(
@@ -152,14 +172,17 @@ def test_fused_node_in_onnxruntime(case, tmp_path):
     logits = {(True, True): b'qk+qr', (True, False): b'qk', (False, True): b'qr'}[case[6:8]]
     assert attributes == dict(window=list(window), dilation=list(dilation), heads=3,
                               logits=logits)
-    want = local_attention_reference(query, key, value, window, dilation, rel_row, rel_col)
-    np.testing.assert_allclose(_run(session, query, key, value), want.numpy(), rtol=1e-5,
-                               atol=1e-5)
     other = (case[0] + 2, case[1] + 9) + case[2:]
-    query, key, value, _, _ = _inputs(other, batch=1)
-    want = local_attention_reference(query, key, value, window, dilation, rel_row, rel_col)
-    np.testing.assert_allclose(_run(session, query, key, value), want.numpy(), rtol=1e-5,
-                               atol=1e-5)
+    batches = [(query, key, value), _inputs(other, batch=1)[:3]]
+    # the kernel compiled for every instruction set this CPU has
+    for isa in ISAS:
+        session = _isa_session(str(path), isa, monkeypatch)
+        if session is None:
+            continue
+        for q, k, v in batches:
+            want = local_attention_reference(q, k, v, window, dilation, rel_row, rel_col)
+            np.testing.assert_allclose(_run(session, q, k, v), want.numpy(), rtol=1e-5,
+                                       atol=1e-5, err_msg=isa)
 
 
 @needs_library
@@ -208,3 +231,69 @@ def test_attention_layer_fused_export_matches_pytorch(tmp_path):
         want = layer(x).numpy()
     np.testing.assert_allclose(session.run(None, {'x': x.numpy()})[0], want, rtol=1e-5,
                                atol=1e-5)
+
+
+@needs_library
+@pytest.mark.parametrize('encoding,logits', [('relative', 'qk+qr'), ('none', 'qk+qr'),
+                                             ('relative', 'qr')])
+def test_packed_fused_node_matches_pytorch(encoding, logits, tmp_path, monkeypatch):
+    """pack_attention_inputs: each node reads its layer's projection in place,
+    the Split and Squeezes are gone, the numbers are the layer's."""
+    register_onnx_symbolic(17)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        LocalSelfAttention2d(8, 8, 3, num_heads=2, position_encoding=encoding, logits=logits),
+        LocalSelfAttention2d(8, 12, 5, stride=2, num_heads=3, dilation=2,
+                             position_encoding=encoding, logits=logits)).eval()
+    x = torch.randn(2, 8, 11, 9)
+    path = str(tmp_path / 'layers.onnx')
+    with torch.no_grad(), onnx_graph.export_graph('onnxruntime'):
+        torch.onnx.export(model, (x, ), path, input_names=['x'], opset_version=17,
+                          dynamo=False, dynamic_axes={'x': {0: 'b', 2: 'h', 3: 'w'}})
+    exported = onnx.load(path)
+    assert pack_attention_inputs(exported) == 2
+    ops = [node.op_type for node in exported.graph.node]
+    assert 'Split' not in ops and 'Squeeze' not in ops and ops.count('LocalAttention') == 2
+    onnx.save(exported, path)
+    # the last is large enough (over 2**20 multiply-adds a node) to run on
+    # onnxruntime's thread pool
+    inputs = [x, x[:1, :, :7, :10], torch.randn(2, 8, 64, 48)]
+    with torch.no_grad():
+        want = [model(batch).numpy() for batch in inputs]
+    for isa in ISAS:
+        session = _isa_session(path, isa, monkeypatch)
+        if session is not None:
+            for batch, out in zip(inputs, want):
+                np.testing.assert_allclose(session.run(None, {'x': batch.numpy()})[0], out,
+                                           rtol=1e-5, atol=1e-5, err_msg=isa)
+    assert pack_attention_inputs(exported) == 0  # nothing left to pack
+
+
+@needs_library
+def test_packed_fused_node_rejects_bad_inputs(tmp_path, monkeypatch):
+    from onnx import TensorProto, helper
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in 'qkv']
+    node = helper.make_node('LocalAttention', ['q', 'k', 'v'], ['y'], domain=CUSTOM_DOMAIN,
+                            window=[3, 3], dilation=[1, 1], heads=2, logits='qk')
+    graph = helper.make_graph([node], 'g', inputs,
+                              [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17),
+                                                    helper.make_opsetid(CUSTOM_DOMAIN, 1)])
+    path = str(tmp_path / 'packed.onnx')
+    onnx.save(model, path)
+    session = _isa_session(path, 'baseline', monkeypatch)
+    packed = np.random.default_rng(0).standard_normal((1, 3, 2, 4, 5, 6)).astype(np.float32)
+    empty = np.zeros(0, np.float32)
+    out = session.run(None, dict(q=packed, k=empty, v=empty))[0]
+    want = local_attention_reference(*(torch.from_numpy(packed[:, i]) for i in range(3)),
+                                     (3, 3), (1, 1))
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match=r'a packed query must be \(B, 3, N, D, H, W\)'):
+        session.run(None, dict(q=packed[:, :2], k=empty, v=empty))
+    with pytest.raises(Exception, match='key and value must be empty'):
+        session.run(None, dict(q=packed, k=packed[:, 1], v=empty))
+    monkeypatch.setenv('SASA_MMDET_ONNXRUNTIME_ISA', 'sse9')
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(onnxruntime_ops_path())
+    with pytest.raises(Exception, match='must be baseline, avx2 or avx512'):
+        ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])

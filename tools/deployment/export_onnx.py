@@ -346,7 +346,9 @@ def resolve_backend(backend: Optional[str]) -> Tuple[str, str]:
 def export(network: nn.Module, inputs: torch.Tensor, out: str, opset: int = 17,
            dynamic: bool = False, backend: str = 'onnx') -> List[str]:
     """``torch.onnx.export`` (TorchScript exporter, ``dynamo=False``), the
-    attention recorded as ``backend`` says (:data:`BACKENDS`).
+    attention recorded as ``backend`` says (:data:`BACKENDS`); with
+    ``'onnxruntime'`` the fused nodes then take their layer's packed q/k/v
+    projection (``sasa_mmdet.deployment.pack_attention_inputs``).
 
     Args:
         network (nn.Module): A :class:`TensorModeNetwork` or an
@@ -382,6 +384,14 @@ def export(network: nn.Module, inputs: torch.Tensor, out: str, opset: int = 17,
             network, (inputs, ), out, input_names=['input'], output_names=names,
             opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
             dynamo=False)
+    if backend == 'onnxruntime':
+        # each fused node reads its layer's q/k/v projection in place
+        import onnx
+
+        from sasa_mmdet.deployment import pack_attention_inputs
+        model = onnx.load(out)
+        if pack_attention_inputs(model):
+            onnx.save(model, out)
     return names
 
 

@@ -10,9 +10,17 @@
 //   attributes: window (ints: kh, kw), dilation (ints: dh, dw), heads (int: N),
 //            logits (string: "qk+qr", "qk" or "qr")
 //
+//   or packed: query is the layer's whole projection (B, 3, N, D, H, W), q, k
+//            and v in that order (Dv = D), key and value empty tensors; the
+//            kernel reads q, k and v in place (what
+//            sasa_mmdet.deployment.pack_attention_inputs makes of an export)
+//
 // It runs the forward kernel of the CPU backend, local_attention_core.h (the
 // same source the PyTorch extension compiles; no second copy of the math), on
-// onnxruntime's intra-op thread pool. Only the C API's function table is used,
+// onnxruntime's intra-op thread pool, compiled for SSE2/the build's target,
+// AVX2 and AVX-512 (local_attention_forward_*.cpp) and run with the best the
+// CPU has ($SASA_MMDET_ONNXRUNTIME_ISA = baseline, avx2 or avx512 chooses one
+// when a session creates the node). Only the C API's function table is used,
 // so the library loads into any onnxruntime whose API version is at least the
 // headers' (ORT_API_VERSION).
 //
@@ -22,6 +30,8 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -29,17 +39,26 @@
 #include <thread>
 #include <vector>
 
-#include "local_attention_core.h"
+#include "local_attention_forward.h"
 
 namespace {
 
 // The kernel context of the Compute call running on this thread: its thread
-// pool runs parallel_for.
+// pool runs parallel_for, unless the node is too small to share.
 thread_local const Ort::KernelContext* current_context = nullptr;
+thread_local bool run_on_one_thread = false;
+
+// Multiply-adds below which a node runs on the calling thread alone. The
+// pool's threads sleep between nodes (onnx_latency.py turns spinning off, as
+// a server sharing its cores would); waking one costs more than the work of a
+// smaller node. Measured on the demo model (2 threads, the other core busy):
+// nodes of 0.16-0.64 M multiply-adds ran 25-30% faster on one thread, the
+// 640x640 model 2-5% faster overall.
+constexpr double kMinParallelWork = 1 << 20;
 
 }  // namespace
 
-namespace sasa_local_attention {
+namespace sasa_onnxruntime {
 
 int64_t max_threads() {
   // onnxruntime does not tell a kernel its thread count; bands beyond it are
@@ -48,7 +67,7 @@ int64_t max_threads() {
 }
 
 void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-  if (current_context == nullptr || n <= 1) {
+  if (current_context == nullptr || n <= 1 || run_on_one_thread) {
     fn(0, n);
     return;
   }
@@ -60,11 +79,11 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
       size_t(n), 0, const_cast<std::function<void(int64_t, int64_t)>*>(&fn));
 }
 
-}  // namespace sasa_local_attention
+}  // namespace sasa_onnxruntime
 
 namespace {
 
-using namespace sasa_local_attention;
+using namespace sasa_onnxruntime;
 
 std::runtime_error error(const std::string& message) {
   return std::runtime_error("sasa_mmdet::LocalAttention: " + message);
@@ -80,13 +99,40 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 
 // A contiguous (B, N, D, H, W) tensor as the kernel's planar view.
 template <typename ptr_t>
-Planar<ptr_t> planar(ptr_t* data, const std::vector<int64_t>& s) {
+View<ptr_t> planar(ptr_t* data, const std::vector<int64_t>& s) {
   return {data, s[1] * s[2] * s[3] * s[4], s[2] * s[3] * s[4], s[3] * s[4], s[4], 1};
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+// The forward kernel for the best instruction set of this CPU, or the one
+// $SASA_MMDET_ONNXRUNTIME_ISA names.
+void (*choose_forward())(const ForwardCall&) {
+  const char* asked = std::getenv("SASA_MMDET_ONNXRUNTIME_ISA");
+  const std::string isa = asked && *asked ? asked : cpu_has_avx512() ? "avx512"
+                                                    : cpu_has_avx2()   ? "avx2"
+                                                                       : "baseline";
+  if (isa == "baseline") return forward_baseline;
+  if (isa == "avx2" && cpu_has_avx2()) return forward_avx2;
+  if (isa == "avx512" && cpu_has_avx512()) return forward_avx512;
+  if (isa == "avx2" || isa == "avx512")
+    throw error("SASA_MMDET_ONNXRUNTIME_ISA=" + isa + ": this CPU does not have " + isa);
+  throw error("SASA_MMDET_ONNXRUNTIME_ISA must be baseline, avx2 or avx512, got '" + isa + "'");
 }
 
 struct LocalAttentionKernel {
   int64_t kh, kw, dh, dw, heads;
   bool with_key, with_rel;
+  void (*forward)(const ForwardCall&);
 
   explicit LocalAttentionKernel(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo attributes(info);
@@ -103,6 +149,7 @@ struct LocalAttentionKernel {
     kh = window[0], kw = window[1], dh = dilation[0], dw = dilation[1];
     with_key = logits != "qr";
     with_rel = logits != "qk";
+    forward = choose_forward();
   }
 
   void Compute(OrtKernelContext* raw_context) {
@@ -113,11 +160,27 @@ struct LocalAttentionKernel {
                   std::to_string(context.GetInputCount()));
     const auto query = context.GetInput(0), key = context.GetInput(1),
                value = context.GetInput(2);
-    const auto q_shape = query.GetTensorTypeAndShapeInfo().GetShape();
-    const auto v_shape = value.GetTensorTypeAndShapeInfo().GetShape();
+    const auto input_shape = query.GetTensorTypeAndShapeInfo().GetShape();
+    // Packed: query is the layer's whole projection (B, 3, N, D, H, W), q, k
+    // and v one after the other; key and value are empty. The kernel reads
+    // q, k and v in place (no Split, no copies).
+    const bool packed = input_shape.size() == 6;
+    std::vector<int64_t> q_shape = input_shape, v_shape;
+    if (packed) {
+      if (input_shape[1] != 3)
+        throw error("a packed query must be (B, 3, N, D, H, W) (q, k, v), got " +
+                    shape_string(input_shape));
+      if (key.GetTensorTypeAndShapeInfo().GetElementCount() != 0 ||
+          value.GetTensorTypeAndShapeInfo().GetElementCount() != 0)
+        throw error("with a packed query (B, 3, N, D, H, W), key and value must be empty");
+      q_shape = {input_shape[0], input_shape[2], input_shape[3], input_shape[4], input_shape[5]};
+      v_shape = q_shape;
+    } else {
+      v_shape = value.GetTensorTypeAndShapeInfo().GetShape();
+    }
     if (q_shape.size() != 5 || v_shape.size() != 5)
-      throw error("query and value must be (B, N, D, H, W), got " + shape_string(q_shape) +
-                  " and " + shape_string(v_shape));
+      throw error("query and value must be (B, N, D, H, W), or query the packed (B, 3, N, D, "
+                  "H, W), got " + shape_string(input_shape) + " and " + shape_string(v_shape));
     if (q_shape[1] != heads)
       throw error("query has " + std::to_string(q_shape[1]) + " heads, the node says " +
                   std::to_string(heads));
@@ -125,7 +188,7 @@ struct LocalAttentionKernel {
         v_shape[4] != q_shape[4])
       throw error("value " + shape_string(v_shape) + " must match query " +
                   shape_string(q_shape) + " in batch, heads, height and width");
-    if (with_key && key.GetTensorTypeAndShapeInfo().GetShape() != q_shape)
+    if (!packed && with_key && key.GetTensorTypeAndShapeInfo().GetShape() != q_shape)
       throw error("key " + shape_string(key.GetTensorTypeAndShapeInfo().GetShape()) +
                   " must be shaped like query " + shape_string(q_shape));
     int64_t Dr = 0, Dc = 0;
@@ -145,15 +208,26 @@ struct LocalAttentionKernel {
     auto out = context.GetOutput(0, v_shape);
     for (int64_t size : q_shape)
       if (size == 0) return;  // an empty batch or map: nothing to compute
-    const Geometry g(q_shape[0], q_shape[3], q_shape[4], q_shape[1], q_shape[2], v_shape[2], kh,
-                     kw, dh, dw, Dr, Dc, Simd<float>::L);
-    const Planar<const float> none{nullptr, 0, 0, 0, 0, 0};
-    const Inputs<float> in{planar(query.GetTensorData<float>(), q_shape),
-                           with_key ? planar(key.GetTensorData<float>(), q_shape) : none,
-                           planar(value.GetTensorData<float>(), v_shape), rel_row, rel_col};
+    const View<const float> none{nullptr, 0, 0, 0, 0, 0};
+    View<const float> q_in = planar(query.GetTensorData<float>(), q_shape), k_in = none,
+                      v_in = none;
+    if (packed) {
+      const int64_t projection = q_in.sb;  // N * D * H * W
+      q_in.sb *= 3;
+      v_in = q_in, v_in.data += 2 * projection;
+      if (with_key) k_in = q_in, k_in.data += projection;
+    } else {
+      if (with_key) k_in = planar(key.GetTensorData<float>(), q_shape);
+      v_in = planar(value.GetTensorData<float>(), v_shape);
+    }
+    const ForwardCall call{q_shape[0], q_shape[3], q_shape[4], q_shape[1], q_shape[2],
+                           v_shape[2], kh, kw, dh, dw, Dr, Dc, q_in, k_in, v_in, rel_row,
+                           rel_col, planar(out.GetTensorMutableData<float>(), v_shape)};
     current_context = &context;
+    run_on_one_thread = double(call.B) * call.H * call.W * call.N * call.kh * call.kw *
+                            (call.D + call.Dv) < kMinParallelWork;
     try {
-      forward_kernel<float>(g, in, planar(out.GetTensorMutableData<float>(), v_shape), nullptr);
+      forward(call);
     } catch (...) {
       current_context = nullptr;
       throw;

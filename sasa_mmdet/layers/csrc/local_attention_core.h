@@ -62,11 +62,15 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
 
 
 // One register of L lanes (GCC vector extensions): AVX when the build
-// targets it (-march=native on an AVX machine), else SSE2 (a portable build).
+// targets it (-march=native on an AVX machine), else SSE2 (a portable build);
+// a file that includes this header may choose (the onnxruntime library
+// compiles it for AVX-512 too).
+#ifndef SASA_VECTOR_BYTES
 #if defined(__AVX__)
 #define SASA_VECTOR_BYTES 32
 #else
 #define SASA_VECTOR_BYTES 16
+#endif
 #endif
 
 template <typename scalar_t>
