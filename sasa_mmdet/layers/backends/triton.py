@@ -137,6 +137,9 @@ TABLE_PARTIAL_BYTES = 32 << 20
 # Channels-last maps: strides in units of this many elements (16 bytes of
 # bfloat16), the width of their vector loads (``channels_last``).
 VECTOR = 8
+# The softmax runs in base 2: exp(s) = exp2(s * LOG2E), the scale fused into
+# the subtraction of the maximum (one FFMA a logit).
+LOG2E = tl.constexpr(1.4426950408889634)
 INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 # Map sizes and strides change with every feature map: one compile for all.
@@ -430,19 +433,19 @@ def _shifted(terms, first, q_first, q_ok, r, extent, dilation, lines, TAPS,
 @triton.jit
 def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr,
             HAS_KEY: tl.constexpr, PRODUCTS: tl.constexpr):
-    """Logits ``(queries, ROWS * COLS keys)`` in log2 units of a key block
+    """Logits ``(queries, ROWS * COLS keys)`` of a key block
     whose rows (columns) are lines ``row0..`` (``col0..``) of ``rows``
     (``cols``), the queries' q.r terms and mask per line
     (:func:`_shifted`): ``q.k`` is one product, the q.r terms and the mask
     two more with one-hot matrices (float32 accuracy). A masked key gets a
-    logit below -1e30: its weight is exactly 0 (``exp2`` of it minus any
-    finite maximum underflows)."""
+    logit below -1e30: its weight is exactly 0 (``exp2`` of it, scaled,
+    minus any finite maximum underflows)."""
     LINES: tl.constexpr = rows.shape[1]
     s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False), PRODUCTS)
     s += _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS)
     if HAS_KEY:
         s += _dot(q, kT, PRODUCTS)
-    return s * 1.4426950408889634
+    return s
 
 
 @triton.jit
@@ -524,7 +527,8 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
               CHANNELS_LAST)
     K += b * skb + n * skn
     V += b * svb + n * svn
-    # A finite start: keys that do not exist (-inf) give exp2(-inf - m) = 0.
+    # A finite start: masked keys (below -1e30) get weight 0 beside any real
+    # key; a query with none (outside the image) is not stored.
     m = tl.full([TILE_H * TILE_W], -1e30, tl.float32)
     denom = tl.zeros([TILE_H * TILE_W], tl.float32)
     acc = tl.zeros([TILE_H * TILE_W, BLOCK_DV], tl.float32)
@@ -543,15 +547,15 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
         s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
         v = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, False, False, EVEN, CHANNELS_LAST)
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        scale = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        scale = tl.exp2((m - m_new) * LOG2E)
+        p = tl.exp2(s * LOG2E - (m_new * LOG2E)[:, None])  # one FFMA a logit
         denom = denom * scale + tl.sum(p, axis=1)
         acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, PRODUCTS)
         m = m_new
     denom = tl.where(denom > 0, denom, 1.0)  # only pixels outside the image have 0
     _store(OUT + b * sob + n * son, acc / denom[:, None], y, x, q_ok, dv, DV, soc, soh, sow, EVEN,
            CHANNELS_LAST)
-    tl.store(LSE + (bn * H + y) * W + x, m + tl.log2(denom), mask=q_ok)
+    tl.store(LSE + (bn * H + y) * W + x, m * LOG2E + tl.log2(denom), mask=q_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -563,7 +567,7 @@ def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.conste
                     PRODUCTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``."""
     s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
-    return tl.exp2(s - lse[:, None]), _dot(dout, vT, PRODUCTS)
+    return tl.exp2(s * LOG2E - lse[:, None]), _dot(dout, vT, PRODUCTS)
 
 
 @_jit
@@ -804,7 +808,7 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
         rows = _shifted(a_row, sy0, qy, q_ok, ry, H, DH, TILE_H, KH, 16, HAS_REL, BLOCK_T)
         cols = _shifted(b_col, sx0, qx, q_ok, rx, W, DW, TILE_W, KW, 16, HAS_REL, BLOCK_T)
         s = _logits(q, kT, rows, cols, 0, 0, TILE_H, TILE_W, HAS_KEY, PRODUCTS)
-        p = tl.exp2(s - lse[:, None])  # (queries, keys)
+        p = tl.exp2(s * LOG2E - lse[:, None])  # (queries, keys)
         dval += _dot(tl.trans(p.to(dout.dtype)), dout, PRODUCTS)
         if HAS_KEY:
             delta = tl.load(DELTA + pixel)
