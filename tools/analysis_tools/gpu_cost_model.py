@@ -356,7 +356,8 @@ def record_launches(layer, x, backend_module, resolvers: Dict[object, str],
         with recorder.active('forward'), autocast:
             out = layer(x)
         with recorder.active('backward'):
-            out.float().sum().backward()
+            # a gradient in the output's layout, as the next layer would give
+            out.backward(torch.ones_like(out))
     finally:
         for module, name in resolvers.items():
             setattr(module, name, saved[module])
