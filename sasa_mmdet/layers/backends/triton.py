@@ -76,9 +76,9 @@ Head widths: D and Dv up to 128 (:data:`MAX_HEAD_DIM`; larger ones are
 refused). Window and dilation any size, as runtime arguments (a window
 wider than 16 taps compiles a wider tap table). Map sizes and strides are
 not specialised (``do_not_specialize``), so one compile serves every
-feature-map size: the compiles per run are the (dtype, padded head width,
-window size class, logit terms) combinations the model uses, times four
-kernels (three without tables).
+feature-map size: the compiles per run are the (dtype, padded head width
+and whether it is full, window size class, logit terms, layout)
+combinations the model uses, times four kernels (three without tables).
 
 Layouts. The kernels address the ``(B, N, D, H, W)`` maps in one of two
 layouts (``CHANNELS_LAST``, chosen per call by :func:`channels_last`):
