@@ -9,7 +9,8 @@ Tiles and halo. A program owns a ``TILE_H x TILE_W`` (8 x 8) tile of pixels
 of one image and head. The keys its queries' windows cover form the halo,
 ``(8 + kh - 1) x (8 + kw - 1)`` pixels, which the program walks in blocks of
 ``BLOCK_H x 16`` keys (``BLOCK_H`` 4 rows at head widths up to 32, 2 at
-64, 1 at 128: :func:`block_config`), with an online softmax across
+64, 1 at 128: :func:`block_config`; 8 in the forward and query kernels
+in half precision at narrow heads: :func:`kernel_config`), with an online softmax across
 the blocks. Per block it loads K and V once and runs ``S = Q @ K_block^T``
 and ``O += P @ V_block`` as ``tl.dot`` on tensor cores (head widths padded
 to at least 16); each query is masked to its own window and the image. The
@@ -129,6 +130,13 @@ LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
 # blocks of half as many rows, the query kernel in blocks of at most 2 rows
 # (and at 128 runs 8 warps); otherwise they spill registers.
 WIDE_HEAD = 32
+# Half-precision inputs: the forward kernel at head widths up to 16 (32
+# channels-last) and the backward query kernel up to 16 walk their halo in
+# blocks of this many rows, half the steps of 4-row blocks for the same
+# keys (each step has fixed work: the running maximum's rescaling,
+# barriers); other kernels, wider heads and float32 inputs would spill
+# registers.
+TALL_BLOCK_H = 8
 # The tables kernel's programs each take tiles one above the other (up to a
 # whole column of them), so that their partial sums of the tables' gradient
 # take about this many bytes at most (more only when one program per column
@@ -152,14 +160,20 @@ def _jit(fn):
     return triton.jit(fn, do_not_specialize=[n for n in names if n in _RUNTIME_INTS])
 
 
-def kernel_config(kernel: str, blocks: dict) -> tuple:
-    """``(constexprs, options)`` of ``kernel``: the :func:`block_config`
-    ``blocks`` and ``LAUNCH_OPTIONS``, adjusted at wide heads
-    (``WIDE_HEAD``)."""
+def kernel_config(kernel: str, blocks: dict, element_size: int = 2,
+                  channels_last_layout: bool = False) -> tuple:
+    """``(constexprs, options)`` of ``kernel`` for inputs of ``element_size``
+    bytes in the given layout: the :func:`block_config` ``blocks`` and
+    ``LAUNCH_OPTIONS``, adjusted per kernel (``TALL_BLOCK_H``,
+    ``WIDE_HEAD``)."""
     blocks, options = dict(blocks), dict(LAUNCH_OPTIONS)
     width = max(blocks['BLOCK_D'], blocks['BLOCK_DV'])
     if width >= WIDE_HEAD and kernel == '_backward_tables_kernel':
         blocks['BLOCK_H'] = max(1, blocks['BLOCK_H'] // 2)
+    tall = dict(_forward_kernel=WIDE_HEAD if channels_last_layout else WIDE_HEAD // 2,
+                _backward_query_kernel=WIDE_HEAD // 2).get(kernel, 0)
+    if element_size == 2 and width <= tall:
+        blocks['BLOCK_H'] = TALL_BLOCK_H
     if width >= WIDE_HEAD and kernel == '_backward_query_kernel':
         blocks['BLOCK_H'] = min(blocks['BLOCK_H'], 2)
         if width >= 128:
@@ -918,7 +932,7 @@ def _launch_args(query, key, value, rel_row, rel_col, window, dilation, layout) 
                   EVEN=dim == blocks['BLOCK_D'] and value.shape[2] == blocks['BLOCK_DV'])
     flags = {}
     for kernel in KERNELS:
-        kernel_blocks, options = kernel_config(kernel, blocks)
+        kernel_blocks, options = kernel_config(kernel, blocks, query.element_size(), layout)
         flags[kernel] = dict(shared, **kernel_blocks, **options)
     return tensors, strides, geometry, flags
 
@@ -1033,8 +1047,10 @@ def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_di
     """
     fn = globals()[kernel]
     value_dim = head_dim if value_dim is None else value_dim
-    blocks, options = kernel_config(kernel, block_config(
-        head_dim, value_dim, window, torch.empty((), dtype=dtype).element_size()))
+    element_size = torch.empty((), dtype=dtype).element_size()
+    blocks, options = kernel_config(
+        kernel, block_config(head_dim, value_dim, window, element_size), element_size,
+        channels_last_layout)
     constexprs = dict(HAS_KEY=has_key, HAS_REL=has_rel,
                       PRODUCTS=2 if tf32 and dtype == torch.float32 else 0,
                       CHANNELS_LAST=channels_last_layout,
