@@ -91,15 +91,14 @@ struct Simd<float> {
   static constexpr int L = SASA_VECTOR_BYTES / 4;
 
   // exp(x - top) for x <= top, as 2^n * p(f) with n = round((x - top) log2 e)
-  // and a degree-6 polynomial for 2^f, |f| <= 1/2: about 1 ulp, 14
-  // instructions. Below 2^-126 it returns about 2^-126 (negligible next to
-  // the largest weight, 1); kExact: exactly 0 for x = -inf.
-  template <bool kExact>
+  // and a degree-6 polynomial for 2^f, |f| <= 1/2: about 1 ulp, 13
+  // instructions. Exactly 0 below 2^-126 (x = -inf included: taps that do not
+  // exist), where the weight is negligible next to the largest one, 1.
   static V exp_minus(V x, V top) {
     const float log2e = 1.44269504088896341f;
     V y = x * log2e - top * log2e;
-    const I absent = y < -127.0f;
-    y = y < -126.0f ? V{} - 126.0f : y;
+    // n = -127 gives the exponent bits of 0 below.
+    y = y < -126.0f ? V{} - 127.0f : y;
     const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
     const V shifted = y + magic;
     const V f = y - (shifted - magic);
@@ -111,8 +110,7 @@ struct Simd<float> {
     p = p * f + 6.931471824645996e-1f;
     p = p * f + 1.0f;
     // The low bits of `shifted` hold n; shifted into the exponent, plus the bias.
-    const V e = p * (V)(((I)shifted << 23) + 0x3f800000);
-    return kExact ? (absent ? V{} : e) : e;
+    return p * (V)(((I)shifted << 23) + 0x3f800000);
   }
 };
 
@@ -124,7 +122,6 @@ struct Simd<double> {
   typedef Int I __attribute__((vector_size(SASA_VECTOR_BYTES)));
   static constexpr int L = SASA_VECTOR_BYTES / 8;
 
-  template <bool kExact>
   static V exp_minus(V x, V top) {  // double is for tests and gradcheck: libm
     V y;
     for (int l = 0; l < L; ++l) y[l] = std::exp(x[l] - top[l]);
@@ -336,7 +333,7 @@ struct Worker {
       : g(g), in(in),
         keys(in.k.data ? new RowRing<scalar_t>(in.k, g.D, g) : nullptr),
         values(in.v, g.Dv, g), qrow(g.D * g.Wpad, scalar_t(0)), krow(g.kh), vrow(g.kh),
-        S(g.taps()), rl(g.kh), cl(g.kw) {}
+        S(g.taps()), rl(g.kh, V{}), cl(g.kw, V{}) {}
 
   int64_t count() const { return int64_t(rows.size()) * g.kw; }
 
@@ -377,29 +374,39 @@ struct Worker {
 
   // S[u] = exp(logit_u - max_u logit_u) for the row's pixels [j0, j0 + L):
   // the softmax weights before normalising. Returns 1 / sum_u S[u].
-  V attention(int64_t j0) {
+  // (flatten: the per-width lambdas' accumulators must stay in registers.)
+  __attribute__((flatten)) V attention(int64_t j0) {
     const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
     const int64_t valid_rows = rows.size(), count = this->count();
+    // Each logit starts as rl[tap row] + cl[tap column]: the q.r terms, and
+    // in blocks that touch the left or right border -inf in the columns of
+    // taps outside the image (they do not exist: weight exactly 0). Lanes
+    // past the row's end are no pixels: they keep every tap (finite, unused).
     if (in.rel_row) {
-      for (int64_t y : rows) {
-        const scalar_t* r = in.rel_row + (y * g.N + n) * g.Dr;
-        V s{};
-        for (int64_t d = 0; d < g.Dr; ++d) s += load(query(d) + j0) * r[d];
-        rl[y] = s;
-      }
+      rel_dots(query(0) + j0, in.rel_row + n * g.Dr, g.N * g.Dr, g.Dr, g.kh, rl.data());
+      rel_dots(query(g.Dr) + j0, in.rel_col + n * g.Dc, g.N * g.Dc, g.Dc, g.kw, cl.data());
+    } else {
+      std::fill(cl.begin(), cl.end(), V{});  // rl stays zero
+    }
+    if (!(j0 >= g.left && j0 + L <= g.W - g.right)) {
+      using I = typename Simd<scalar_t>::I;
+      using Int = typename Simd<scalar_t>::Int;
+      I lane;
+      for (int l = 0; l < L; ++l) lane[l] = l;
+      const I beyond = lane + Int(j0) >= Int(g.W);
       for (int64_t x = 0; x < g.kw; ++x) {
-        const scalar_t* r = in.rel_col + (x * g.N + n) * g.Dc;
-        V s{};
-        for (int64_t d = 0; d < g.Dc; ++d) s += load(query(g.Dr + d) + j0) * r[d];
-        cl[x] = s;
+        const I col = lane + Int(j0 + g.ox[x]);
+        const I inside = (col >= 0) & (col < Int(g.W));
+        cl[x] = (inside | beyond) ? cl[x] : V{} - inf;
       }
     }
     V top = V{} - inf;
     for (int64_t r = 0; r < valid_rows; ++r) {
+      const V row_term = rl[rows[r]];
       for_chunks(g.kw, [&](int64_t x0, auto width) {
         constexpr int kT = decltype(width)::value;
         V acc[kT];
-        for (int t = 0; t < kT; ++t) acc[t] = in.rel_row ? rl[rows[r]] + cl[x0 + t] : V{};
+        for (int t = 0; t < kT; ++t) acc[t] = row_term + cl[x0 + t];
         if (keys) row_dots<kT>(query(0) + j0, key(r, 0, j0) + x0 * g.dw, g.Wpad, g.dw, g.D, acc);
         for (int t = 0; t < kT; ++t) {
           S[r * g.kw + x0 + t] = acc[t];
@@ -408,32 +415,28 @@ struct Worker {
       });
     }
     V total{};
-    if (j0 >= g.left && j0 + L <= g.W - g.right) {
-      for (int64_t u = 0; u < count; ++u) {
-        S[u] = Simd<scalar_t>::template exp_minus<false>(S[u], top);
-        total += S[u];
-      }
-    } else {
-      // Border block: taps outside the image do not exist. Lanes past the
-      // row's end are no pixels: they keep every tap (finite, unused).
-      using I = typename Simd<scalar_t>::I;
-      using Int = typename Simd<scalar_t>::Int;
-      I lane;
-      for (int l = 0; l < L; ++l) lane[l] = l;
-      const I beyond = lane + Int(j0) >= Int(g.W);
-      top = V{} - inf;
-      for (int64_t u = 0; u < count; ++u) {
-        const I col = lane + Int(j0 + g.ox[u % g.kw]);
-        const I inside = (col >= 0) & (col < Int(g.W));
-        S[u] = (inside | beyond) ? S[u] : V{} - inf;
-        top = S[u] > top ? S[u] : top;
-      }
-      for (int64_t u = 0; u < count; ++u) {
-        S[u] = Simd<scalar_t>::template exp_minus<true>(S[u], top);
-        total += S[u];
-      }
+    for (int64_t u = 0; u < count; ++u) {
+      S[u] = Simd<scalar_t>::exp_minus(S[u], top);
+      total += S[u];
     }
     return scalar_t(1) / total;  // the centre tap always exists
+  }
+
+  // out[t] = sum_{d < dim} x[d * Wpad] * table[t * stride + d] for t < count
+  // (vectors of L pixels): the q.r terms of every tap row (or column). One
+  // pass over the channels.
+  void rel_dots(const scalar_t* x, const scalar_t* table, int64_t stride, int64_t dim,
+                int64_t count, V* out) const {
+    for_chunks(count, [&](int64_t t0, auto width) {
+      constexpr int kT = decltype(width)::value;
+      V a[kT];
+      for (int t = 0; t < kT; ++t) a[t] = V{};
+      for (int64_t d = 0; d < dim; ++d) {
+        const V xd = load(x + d * g.Wpad);
+        for (int t = 0; t < kT; ++t) a[t] += xd * table[(t0 + t) * stride + d];
+      }
+      for (int t = 0; t < kT; ++t) out[t0 + t] = a[t];
+    });
   }
 
   // acc[c] += sum_u w[u] * (key or value channel d0 + c of tap u).
