@@ -469,12 +469,154 @@ void parallel_bands(const Geometry& g, int64_t work, Fn&& fn) {
   });
 }
 
+// Inference on small maps (no map stored): blocks of L consecutive pixels of
+// the whole H x W plane, across row ends, so that no lane idles past a row's
+// end (a 10-pixel row fills 10 of 16 lanes in the row-by-row kernel). In a
+// plane, tap (ty, tx) of pixel p is pixel p + oy * W + ox; each head's q, k
+// and v planes are copied once into zero-padded planes, and taps whose row or
+// column is outside the image get -inf in their row or column term (weight
+// exactly 0, as in the row-by-row kernel). Same sums in the same order as
+// there: the outputs agree to rounding (taps outside add exact zeros).
+template <typename scalar_t>
+bool flat_worthwhile(const Geometry& g, const Planar<scalar_t>& out) {
+  constexpr int64_t kMaxPlane = 4096;  // pixels: the head's planes stay in cache
+  return g.W % Simd<scalar_t>::L != 0 && g.H * g.W <= kMaxPlane && out.sw == 1 &&
+         out.sh == g.W;
+}
+
+template <typename scalar_t>
+void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t> out) {
+  using V = Vec<scalar_t>;
+  using I = typename Simd<scalar_t>::I;
+  using Int = typename Simd<scalar_t>::Int;
+  constexpr int L = Simd<scalar_t>::L;
+  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  const int64_t HW = g.H * g.W, T = g.taps();
+  const int64_t before = g.up * g.W + g.left;               // zeros before a plane
+  const int64_t stride = before + HW + g.down * g.W + g.right + L;  // per channel
+  const int64_t units = g.B * g.N;                          // (image, head) pairs
+  const int64_t work = g.rows() * g.W * g.N * T * (g.D + g.Dv);
+  constexpr int64_t kMinWork = 1 << 16;
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>({max_threads(), units, work / kMinWork}));
+  parallel_for(parts, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> qf(g.D * stride, 0), kf(in.k.data ? g.D * stride : 0, 0),
+        vf(g.Dv * stride, 0);
+    std::vector<V> S(T), rl(g.kh), cl(g.kw);
+    std::vector<int64_t> tap_offset(T);
+    for (int64_t y = 0; y < g.kh; ++y)
+      for (int64_t x = 0; x < g.kw; ++x) tap_offset[y * g.kw + x] = g.oy[y] * g.W + g.ox[x];
+    const auto copy_planes = [&](const Planar<const scalar_t>& src, int64_t dim, int64_t b,
+                                 int64_t n, scalar_t* dst) {
+      for (int64_t d = 0; d < dim; ++d) {
+        scalar_t* o = dst + d * stride + before;
+        if (src.sw == 1 && src.sh == g.W) {
+          std::memcpy(o, src.row(b, n, d, 0), HW * sizeof(scalar_t));
+          continue;
+        }
+        for (int64_t i = 0; i < g.H; ++i) {
+          const scalar_t* r = src.row(b, n, d, i);
+          for (int64_t j = 0; j < g.W; ++j) o[i * g.W + j] = r[j * src.sw];
+        }
+      }
+    };
+    I lane;
+    for (int l = 0; l < L; ++l) lane[l] = l;
+    for (int64_t part = begin; part < end; ++part) {
+      for (int64_t unit = part * units / parts; unit < (part + 1) * units / parts; ++unit) {
+        const int64_t b = unit / g.N, n = unit % g.N;
+        copy_planes(in.q, g.D, b, n, qf.data());
+        if (in.k.data) copy_planes(in.k, g.D, b, n, kf.data());
+        copy_planes(in.v, g.Dv, b, n, vf.data());
+        const scalar_t* q0 = qf.data() + before;
+        for (int64_t p0 = 0; p0 < HW; p0 += L) {
+          // Each lane's row and column; lanes past the plane keep every tap.
+          I col = lane + Int(p0 % g.W), row = I{} + Int(p0 / g.W);
+          for (int64_t wrap = 0; wrap <= L / g.W + 1; ++wrap) {
+            const I past = col >= Int(g.W);
+            col = past ? col - Int(g.W) : col;
+            row = past ? row + 1 : row;
+          }
+          const I beyond = lane + Int(p0) >= Int(HW);
+          if (in.rel_row) {
+            for_chunks(g.kh, [&](int64_t t0, auto width) {
+              constexpr int kT = decltype(width)::value;
+              V a[kT];
+              for (int t = 0; t < kT; ++t) a[t] = V{};
+              for (int64_t d = 0; d < g.Dr; ++d) {
+                const V qd = load(q0 + d * stride + p0);
+                for (int t = 0; t < kT; ++t) a[t] += qd * in.rel_row[((t0 + t) * g.N + n) * g.Dr + d];
+              }
+              for (int t = 0; t < kT; ++t) rl[t0 + t] = a[t];
+            });
+            for_chunks(g.kw, [&](int64_t t0, auto width) {
+              constexpr int kT = decltype(width)::value;
+              V a[kT];
+              for (int t = 0; t < kT; ++t) a[t] = V{};
+              for (int64_t d = 0; d < g.Dc; ++d) {
+                const V qd = load(q0 + (g.Dr + d) * stride + p0);
+                for (int t = 0; t < kT; ++t) a[t] += qd * in.rel_col[((t0 + t) * g.N + n) * g.Dc + d];
+              }
+              for (int t = 0; t < kT; ++t) cl[t0 + t] = a[t];
+            });
+          } else {
+            std::fill(rl.begin(), rl.end(), V{});
+            std::fill(cl.begin(), cl.end(), V{});
+          }
+          for (int64_t y = 0; y < g.kh; ++y) {
+            const I r = row + Int(g.oy[y]);
+            rl[y] = (((r >= 0) & (r < Int(g.H))) | beyond) ? rl[y] : V{} - inf;
+          }
+          for (int64_t x = 0; x < g.kw; ++x) {
+            const I c = col + Int(g.ox[x]);
+            cl[x] = (((c >= 0) & (c < Int(g.W))) | beyond) ? cl[x] : V{} - inf;
+          }
+          V top = V{} - inf;
+          for (int64_t y = 0; y < g.kh; ++y) {
+            const V row_term = rl[y];
+            for_chunks(g.kw, [&](int64_t x0, auto width) {
+              constexpr int kT = decltype(width)::value;
+              V acc[kT];
+              for (int t = 0; t < kT; ++t) acc[t] = row_term + cl[x0 + t];
+              if (in.k.data)
+                row_dots<kT>(q0 + p0, kf.data() + before + p0 + tap_offset[y * g.kw + x0],
+                             stride, g.dw, g.D, acc);
+              for (int t = 0; t < kT; ++t) {
+                S[y * g.kw + x0 + t] = acc[t];
+                top = acc[t] > top ? acc[t] : top;
+              }
+            });
+          }
+          V total{};
+          for (int64_t u = 0; u < T; ++u) {
+            S[u] = Simd<scalar_t>::exp_minus(S[u], top);
+            total += S[u];
+          }
+          const V inv = scalar_t(1) / total;  // the centre tap always exists
+          for_chunks(g.Dv, [&](int64_t d0, auto width) {
+            constexpr int kW = decltype(width)::value;
+            V acc[kW];
+            for (int c = 0; c < kW; ++c) acc[c] = V{};
+            for (int64_t y = 0; y < g.kh; ++y)
+              row_sum<kW>(S.data() + y * g.kw,
+                          vf.data() + d0 * stride + before + p0 + tap_offset[y * g.kw],
+                          stride, g.dw, g.kw, acc);
+            for (int c = 0; c < kW; ++c)
+              store_lanes(out.row(b, n, d0 + c, 0) + p0, acc[c] * inv, HW - p0);
+          });
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t> out,
                     scalar_t* attn) {
   using V = Vec<scalar_t>;
   constexpr int L = Simd<scalar_t>::L;
   const int64_t work = g.rows() * g.W * g.N * g.taps() * (g.D + g.Dv);
+  if (attn == nullptr && flat_worthwhile(g, out)) return forward_flat(g, in, out);
   parallel_bands(g, work, [&](int64_t, int64_t r0, int64_t r1) {
     Worker<scalar_t> w(g, in);
     for (int64_t n = 0; n < g.N; ++n) {
