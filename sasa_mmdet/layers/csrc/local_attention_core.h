@@ -53,6 +53,10 @@
 #include <type_traits>
 #include <vector>
 
+#if SASA_VECTOR_BYTES == 64
+#include <immintrin.h>
+#endif
+
 namespace sasa_local_attention {
 
 // The most threads parallel_for runs at once.
@@ -97,11 +101,18 @@ struct Simd<float> {
   static V exp_minus(V x, V top) {
     const float log2e = 1.44269504088896341f;
     V y = x * log2e - top * log2e;
+#if SASA_VECTOR_BYTES == 64  // AVX-512 (the onnxruntime library's kernel)
+    // The same n, f and p, and p * 2^n by vscalefps (2^-150 rounds to 0).
+    y = y < -126.0f ? V{} - 150.0f : y;
+    const V n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = y - n;
+#else
     // n = -127 gives the exponent bits of 0 below.
     y = y < -126.0f ? V{} - 127.0f : y;
     const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
     const V shifted = y + magic;
     const V f = y - (shifted - magic);
+#endif
     V p = V{} + 1.5345810970757157e-4f;
     p = p * f + 1.3399930903688073e-3f;
     p = p * f + 9.618489071726799e-3f;
@@ -109,8 +120,12 @@ struct Simd<float> {
     p = p * f + 2.4022646248340607e-1f;
     p = p * f + 6.931471824645996e-1f;
     p = p * f + 1.0f;
+#if SASA_VECTOR_BYTES == 64  // AVX-512 (the onnxruntime library's kernel)
+    return _mm512_scalef_ps(p, n);
+#else
     // The low bits of `shifted` hold n; shifted into the exponent, plus the bias.
     return p * (V)(((I)shifted << 23) + 0x3f800000);
+#endif
   }
 };
 
