@@ -24,6 +24,11 @@
 // skipped; in blocks that touch the left or right border, taps outside the
 // image get weight exactly 0: they do not exist, they are not zeros.
 //
+// Inference on small maps whose rows do not fill whole blocks (no map
+// stored; forward_flat below): blocks of L consecutive pixels of the whole
+// plane, across row ends, each head's planes copied once; tap rows and
+// columns outside the image are masked per lane.
+//
 // Forward, per pixel and head: attn = softmax_t(q . k_t + q . r_t) over the
 // taps inside the image, out = sum_t attn_t v_t. The softmax map is stored
 // only when the backward will use it, (B, H, N, Wp / L, T, L) (Wp: W rounded
