@@ -395,9 +395,20 @@ struct Worker {
   // S[u] = exp(logit_u - max_u logit_u) for the row's pixels [j0, j0 + L):
   // the softmax weights before normalising. Returns 1 / sum_u S[u].
   // (flatten: the per-width lambdas' accumulators must stay in registers.)
-  __attribute__((flatten)) V attention(int64_t j0) {
+  V attention(int64_t j0) {
+    const V top = logits(j0);
+    V total{};
+    for (int64_t u = 0; u < count(); ++u) {
+      S[u] = Simd<scalar_t>::exp_minus(S[u], top);
+      total += S[u];
+    }
+    return scalar_t(1) / total;  // the centre tap always exists
+  }
+
+  // S[u] = logit_u for the row's pixels [j0, j0 + L); returns max_u logit_u.
+  __attribute__((flatten)) V logits(int64_t j0) {
     const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
-    const int64_t valid_rows = rows.size(), count = this->count();
+    const int64_t valid_rows = rows.size();
     // Each logit starts as rl[tap row] + cl[tap column]: the q.r terms, and
     // in blocks that touch the left or right border -inf in the columns of
     // taps outside the image (they do not exist: weight exactly 0). Lanes
@@ -434,12 +445,7 @@ struct Worker {
         }
       });
     }
-    V total{};
-    for (int64_t u = 0; u < count; ++u) {
-      S[u] = Simd<scalar_t>::exp_minus(S[u], top);
-      total += S[u];
-    }
-    return scalar_t(1) / total;  // the centre tap always exists
+    return top;
   }
 
   // out[t] = sum_{d < dim} x[d * Wpad] * table[t * stride + d] for t < count
@@ -607,6 +613,25 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
               }
             });
           }
+          if (g.Dv <= 8) {  // one pass takes each weight and adds it in, as above
+            for_chunks(g.Dv, [&](int64_t, auto width) {
+              constexpr int kW = decltype(width)::value;
+              V acc[kW], total{};
+              for (int c = 0; c < kW; ++c) acc[c] = V{};
+              for (int64_t y = 0; y < g.kh; ++y) {
+                const scalar_t* p = vf.data() + before + p0 + tap_offset[y * g.kw];
+                for (int64_t x = 0; x < g.kw; ++x) {
+                  const V e = Simd<scalar_t>::exp_minus(S[y * g.kw + x], top);
+                  total += e;
+                  for (int c = 0; c < kW; ++c) acc[c] += e * load(p + x * g.dw + c * stride);
+                }
+              }
+              const V inv = scalar_t(1) / total;
+              for (int c = 0; c < kW; ++c)
+                store_lanes(out.row(b, n, c, 0) + p0, acc[c] * inv, HW - p0);
+            });
+            continue;
+          }
           V total{};
           for (int64_t u = 0; u < T; ++u) {
             S[u] = Simd<scalar_t>::exp_minus(S[u], top);
@@ -645,6 +670,28 @@ void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar
         w.start(b, i, n);
         for (int64_t j0 = 0; j0 < g.W; j0 += L) {
           if (row + 1 < r1) w.prefetch(b, i, j0);
+          if (!attn && g.Dv <= 8) {
+            // Head widths up to 8: one pass over the taps takes each weight
+            // and adds it in (the same sums, in the same order).
+            const V top = w.logits(j0);
+            for_chunks(g.Dv, [&](int64_t, auto width) {
+              constexpr int kW = decltype(width)::value;
+              V acc[kW], total{};
+              for (int c = 0; c < kW; ++c) acc[c] = V{};
+              for (int64_t r = 0; r < int64_t(w.rows.size()); ++r) {
+                const scalar_t* p = w.value(r, 0, j0);
+                for (int64_t x = 0; x < g.kw; ++x) {
+                  const V e = Simd<scalar_t>::exp_minus(w.S[r * g.kw + x], top);
+                  total += e;
+                  for (int c = 0; c < kW; ++c) acc[c] += e * load(p + x * g.dw + c * g.Wpad);
+                }
+              }
+              const V inv = scalar_t(1) / total;
+              for (int c = 0; c < kW; ++c)
+                store_lanes(out.row(b, n, c, i) + j0, acc[c] * inv, g.W - j0);
+            });
+            continue;
+          }
           const V inv = w.attention(j0);
           if (attn) {
             scalar_t* m = map_block(attn, g, row, n, j0);
