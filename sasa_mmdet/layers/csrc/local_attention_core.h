@@ -24,6 +24,11 @@
 // skipped; in blocks that touch the left or right border, taps outside the
 // image get weight exactly 0: they do not exist, they are not zeros.
 //
+// Inference on small maps whose rows do not fill whole blocks (no map
+// stored; forward_flat below): blocks of L consecutive pixels of the whole
+// plane, across row ends, each head's planes copied once; tap rows and
+// columns outside the image are masked per lane.
+//
 // Forward, per pixel and head: attn = softmax_t(q . k_t + q . r_t) over the
 // taps inside the image, out = sum_t attn_t v_t. The softmax map is stored
 // only when the backward will use it, (B, H, N, Wp / L, T, L) (Wp: W rounded
@@ -52,6 +57,10 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if SASA_VECTOR_BYTES == 64
+#include <immintrin.h>
+#endif
 
 namespace sasa_local_attention {
 
@@ -91,18 +100,24 @@ struct Simd<float> {
   static constexpr int L = SASA_VECTOR_BYTES / 4;
 
   // exp(x - top) for x <= top, as 2^n * p(f) with n = round((x - top) log2 e)
-  // and a degree-6 polynomial for 2^f, |f| <= 1/2: about 1 ulp, 14
-  // instructions. Below 2^-126 it returns about 2^-126 (negligible next to
-  // the largest weight, 1); kExact: exactly 0 for x = -inf.
-  template <bool kExact>
+  // and a degree-6 polynomial for 2^f, |f| <= 1/2: about 1 ulp, 13
+  // instructions. Exactly 0 below 2^-126 (x = -inf included: taps that do not
+  // exist), where the weight is negligible next to the largest one, 1.
   static V exp_minus(V x, V top) {
     const float log2e = 1.44269504088896341f;
     V y = x * log2e - top * log2e;
-    const I absent = y < -127.0f;
-    y = y < -126.0f ? V{} - 126.0f : y;
+#if SASA_VECTOR_BYTES == 64  // AVX-512 (the onnxruntime library's kernel)
+    // The same n, f and p, and p * 2^n by vscalefps (2^-150 rounds to 0).
+    y = y < -126.0f ? V{} - 150.0f : y;
+    const V n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = y - n;
+#else
+    // n = -127 gives the exponent bits of 0 below.
+    y = y < -126.0f ? V{} - 127.0f : y;
     const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
     const V shifted = y + magic;
     const V f = y - (shifted - magic);
+#endif
     V p = V{} + 1.5345810970757157e-4f;
     p = p * f + 1.3399930903688073e-3f;
     p = p * f + 9.618489071726799e-3f;
@@ -110,9 +125,12 @@ struct Simd<float> {
     p = p * f + 2.4022646248340607e-1f;
     p = p * f + 6.931471824645996e-1f;
     p = p * f + 1.0f;
+#if SASA_VECTOR_BYTES == 64  // AVX-512 (the onnxruntime library's kernel)
+    return _mm512_scalef_ps(p, n);
+#else
     // The low bits of `shifted` hold n; shifted into the exponent, plus the bias.
-    const V e = p * (V)(((I)shifted << 23) + 0x3f800000);
-    return kExact ? (absent ? V{} : e) : e;
+    return p * (V)(((I)shifted << 23) + 0x3f800000);
+#endif
   }
 };
 
@@ -124,7 +142,6 @@ struct Simd<double> {
   typedef Int I __attribute__((vector_size(SASA_VECTOR_BYTES)));
   static constexpr int L = SASA_VECTOR_BYTES / 8;
 
-  template <bool kExact>
   static V exp_minus(V x, V top) {  // double is for tests and gradcheck: libm
     V y;
     for (int l = 0; l < L; ++l) y[l] = std::exp(x[l] - top[l]);
@@ -336,7 +353,7 @@ struct Worker {
       : g(g), in(in),
         keys(in.k.data ? new RowRing<scalar_t>(in.k, g.D, g) : nullptr),
         values(in.v, g.Dv, g), qrow(g.D * g.Wpad, scalar_t(0)), krow(g.kh), vrow(g.kh),
-        S(g.taps()), rl(g.kh), cl(g.kw) {}
+        S(g.taps()), rl(g.kh, V{}), cl(g.kw, V{}) {}
 
   int64_t count() const { return int64_t(rows.size()) * g.kw; }
 
@@ -377,29 +394,50 @@ struct Worker {
 
   // S[u] = exp(logit_u - max_u logit_u) for the row's pixels [j0, j0 + L):
   // the softmax weights before normalising. Returns 1 / sum_u S[u].
+  // (flatten: the per-width lambdas' accumulators must stay in registers.)
   V attention(int64_t j0) {
+    const V top = logits(j0);
+    V total{};
+    for (int64_t u = 0; u < count(); ++u) {
+      S[u] = Simd<scalar_t>::exp_minus(S[u], top);
+      total += S[u];
+    }
+    return scalar_t(1) / total;  // the centre tap always exists
+  }
+
+  // S[u] = logit_u for the row's pixels [j0, j0 + L); returns max_u logit_u.
+  __attribute__((flatten)) V logits(int64_t j0) {
     const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
-    const int64_t valid_rows = rows.size(), count = this->count();
+    const int64_t valid_rows = rows.size();
+    // Each logit starts as rl[tap row] + cl[tap column]: the q.r terms, and
+    // in blocks that touch the left or right border -inf in the columns of
+    // taps outside the image (they do not exist: weight exactly 0). Lanes
+    // past the row's end are no pixels: they keep every tap (finite, unused).
     if (in.rel_row) {
-      for (int64_t y : rows) {
-        const scalar_t* r = in.rel_row + (y * g.N + n) * g.Dr;
-        V s{};
-        for (int64_t d = 0; d < g.Dr; ++d) s += load(query(d) + j0) * r[d];
-        rl[y] = s;
-      }
+      rel_dots(query(0) + j0, in.rel_row + n * g.Dr, g.N * g.Dr, g.Dr, g.kh, rl.data());
+      rel_dots(query(g.Dr) + j0, in.rel_col + n * g.Dc, g.N * g.Dc, g.Dc, g.kw, cl.data());
+    } else {
+      std::fill(cl.begin(), cl.end(), V{});  // rl stays zero
+    }
+    if (!(j0 >= g.left && j0 + L <= g.W - g.right)) {
+      using I = typename Simd<scalar_t>::I;
+      using Int = typename Simd<scalar_t>::Int;
+      I lane;
+      for (int l = 0; l < L; ++l) lane[l] = l;
+      const I beyond = lane + Int(j0) >= Int(g.W);
       for (int64_t x = 0; x < g.kw; ++x) {
-        const scalar_t* r = in.rel_col + (x * g.N + n) * g.Dc;
-        V s{};
-        for (int64_t d = 0; d < g.Dc; ++d) s += load(query(g.Dr + d) + j0) * r[d];
-        cl[x] = s;
+        const I col = lane + Int(j0 + g.ox[x]);
+        const I inside = (col >= 0) & (col < Int(g.W));
+        cl[x] = (inside | beyond) ? cl[x] : V{} - inf;
       }
     }
     V top = V{} - inf;
     for (int64_t r = 0; r < valid_rows; ++r) {
+      const V row_term = rl[rows[r]];
       for_chunks(g.kw, [&](int64_t x0, auto width) {
         constexpr int kT = decltype(width)::value;
         V acc[kT];
-        for (int t = 0; t < kT; ++t) acc[t] = in.rel_row ? rl[rows[r]] + cl[x0 + t] : V{};
+        for (int t = 0; t < kT; ++t) acc[t] = row_term + cl[x0 + t];
         if (keys) row_dots<kT>(query(0) + j0, key(r, 0, j0) + x0 * g.dw, g.Wpad, g.dw, g.D, acc);
         for (int t = 0; t < kT; ++t) {
           S[r * g.kw + x0 + t] = acc[t];
@@ -407,33 +445,24 @@ struct Worker {
         }
       });
     }
-    V total{};
-    if (j0 >= g.left && j0 + L <= g.W - g.right) {
-      for (int64_t u = 0; u < count; ++u) {
-        S[u] = Simd<scalar_t>::template exp_minus<false>(S[u], top);
-        total += S[u];
+    return top;
+  }
+
+  // out[t] = sum_{d < dim} x[d * Wpad] * table[t * stride + d] for t < count
+  // (vectors of L pixels): the q.r terms of every tap row (or column). One
+  // pass over the channels.
+  void rel_dots(const scalar_t* x, const scalar_t* table, int64_t stride, int64_t dim,
+                int64_t count, V* out) const {
+    for_chunks(count, [&](int64_t t0, auto width) {
+      constexpr int kT = decltype(width)::value;
+      V a[kT];
+      for (int t = 0; t < kT; ++t) a[t] = V{};
+      for (int64_t d = 0; d < dim; ++d) {
+        const V xd = load(x + d * g.Wpad);
+        for (int t = 0; t < kT; ++t) a[t] += xd * table[(t0 + t) * stride + d];
       }
-    } else {
-      // Border block: taps outside the image do not exist. Lanes past the
-      // row's end are no pixels: they keep every tap (finite, unused).
-      using I = typename Simd<scalar_t>::I;
-      using Int = typename Simd<scalar_t>::Int;
-      I lane;
-      for (int l = 0; l < L; ++l) lane[l] = l;
-      const I beyond = lane + Int(j0) >= Int(g.W);
-      top = V{} - inf;
-      for (int64_t u = 0; u < count; ++u) {
-        const I col = lane + Int(j0 + g.ox[u % g.kw]);
-        const I inside = (col >= 0) & (col < Int(g.W));
-        S[u] = (inside | beyond) ? S[u] : V{} - inf;
-        top = S[u] > top ? S[u] : top;
-      }
-      for (int64_t u = 0; u < count; ++u) {
-        S[u] = Simd<scalar_t>::template exp_minus<true>(S[u], top);
-        total += S[u];
-      }
-    }
-    return scalar_t(1) / total;  // the centre tap always exists
+      for (int t = 0; t < kT; ++t) out[t0 + t] = a[t];
+    });
   }
 
   // acc[c] += sum_u w[u] * (key or value channel d0 + c of tap u).
@@ -466,12 +495,173 @@ void parallel_bands(const Geometry& g, int64_t work, Fn&& fn) {
   });
 }
 
+// Inference on small maps (no map stored): blocks of L consecutive pixels of
+// the whole H x W plane, across row ends, so that no lane idles past a row's
+// end (a 10-pixel row fills 10 of 16 lanes in the row-by-row kernel). In a
+// plane, tap (ty, tx) of pixel p is pixel p + oy * W + ox; each head's q, k
+// and v planes are copied once into zero-padded planes, and taps whose row or
+// column is outside the image get -inf in their row or column term (weight
+// exactly 0, as in the row-by-row kernel). Same sums in the same order as
+// there: the outputs agree to rounding (taps outside add exact zeros).
+template <typename scalar_t>
+bool flat_worthwhile(const Geometry& g, const Planar<scalar_t>& out) {
+  constexpr int64_t kMaxPlane = 4096;  // pixels: the head's planes stay in cache
+  return g.W % Simd<scalar_t>::L != 0 && g.H * g.W <= kMaxPlane && out.sw == 1 &&
+         out.sh == g.W;
+}
+
+template <typename scalar_t>
+void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t> out) {
+  using V = Vec<scalar_t>;
+  using I = typename Simd<scalar_t>::I;
+  using Int = typename Simd<scalar_t>::Int;
+  constexpr int L = Simd<scalar_t>::L;
+  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  const int64_t HW = g.H * g.W, T = g.taps();
+  const int64_t before = g.up * g.W + g.left;               // zeros before a plane
+  const int64_t stride = before + HW + g.down * g.W + g.right + L;  // per channel
+  const int64_t units = g.B * g.N;                          // (image, head) pairs
+  const int64_t work = g.rows() * g.W * g.N * T * (g.D + g.Dv);
+  constexpr int64_t kMinWork = 1 << 16;
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>({max_threads(), units, work / kMinWork}));
+  parallel_for(parts, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> qf(g.D * stride, 0), kf(in.k.data ? g.D * stride : 0, 0),
+        vf(g.Dv * stride, 0);
+    std::vector<V> S(T), rl(g.kh), cl(g.kw);
+    std::vector<int64_t> tap_offset(T);
+    for (int64_t y = 0; y < g.kh; ++y)
+      for (int64_t x = 0; x < g.kw; ++x) tap_offset[y * g.kw + x] = g.oy[y] * g.W + g.ox[x];
+    const auto copy_planes = [&](const Planar<const scalar_t>& src, int64_t dim, int64_t b,
+                                 int64_t n, scalar_t* dst) {
+      for (int64_t d = 0; d < dim; ++d) {
+        scalar_t* o = dst + d * stride + before;
+        if (src.sw == 1 && src.sh == g.W) {
+          std::memcpy(o, src.row(b, n, d, 0), HW * sizeof(scalar_t));
+          continue;
+        }
+        for (int64_t i = 0; i < g.H; ++i) {
+          const scalar_t* r = src.row(b, n, d, i);
+          for (int64_t j = 0; j < g.W; ++j) o[i * g.W + j] = r[j * src.sw];
+        }
+      }
+    };
+    I lane;
+    for (int l = 0; l < L; ++l) lane[l] = l;
+    for (int64_t part = begin; part < end; ++part) {
+      for (int64_t unit = part * units / parts; unit < (part + 1) * units / parts; ++unit) {
+        const int64_t b = unit / g.N, n = unit % g.N;
+        copy_planes(in.q, g.D, b, n, qf.data());
+        if (in.k.data) copy_planes(in.k, g.D, b, n, kf.data());
+        copy_planes(in.v, g.Dv, b, n, vf.data());
+        const scalar_t* q0 = qf.data() + before;
+        for (int64_t p0 = 0; p0 < HW; p0 += L) {
+          // Each lane's row and column; lanes past the plane keep every tap.
+          I col = lane + Int(p0 % g.W), row = I{} + Int(p0 / g.W);
+          for (int64_t wrap = 0; wrap <= L / g.W + 1; ++wrap) {
+            const I past = col >= Int(g.W);
+            col = past ? col - Int(g.W) : col;
+            row = past ? row + 1 : row;
+          }
+          const I beyond = lane + Int(p0) >= Int(HW);
+          if (in.rel_row) {
+            for_chunks(g.kh, [&](int64_t t0, auto width) {
+              constexpr int kT = decltype(width)::value;
+              V a[kT];
+              for (int t = 0; t < kT; ++t) a[t] = V{};
+              for (int64_t d = 0; d < g.Dr; ++d) {
+                const V qd = load(q0 + d * stride + p0);
+                for (int t = 0; t < kT; ++t) a[t] += qd * in.rel_row[((t0 + t) * g.N + n) * g.Dr + d];
+              }
+              for (int t = 0; t < kT; ++t) rl[t0 + t] = a[t];
+            });
+            for_chunks(g.kw, [&](int64_t t0, auto width) {
+              constexpr int kT = decltype(width)::value;
+              V a[kT];
+              for (int t = 0; t < kT; ++t) a[t] = V{};
+              for (int64_t d = 0; d < g.Dc; ++d) {
+                const V qd = load(q0 + (g.Dr + d) * stride + p0);
+                for (int t = 0; t < kT; ++t) a[t] += qd * in.rel_col[((t0 + t) * g.N + n) * g.Dc + d];
+              }
+              for (int t = 0; t < kT; ++t) cl[t0 + t] = a[t];
+            });
+          } else {
+            std::fill(rl.begin(), rl.end(), V{});
+            std::fill(cl.begin(), cl.end(), V{});
+          }
+          for (int64_t y = 0; y < g.kh; ++y) {
+            const I r = row + Int(g.oy[y]);
+            rl[y] = (((r >= 0) & (r < Int(g.H))) | beyond) ? rl[y] : V{} - inf;
+          }
+          for (int64_t x = 0; x < g.kw; ++x) {
+            const I c = col + Int(g.ox[x]);
+            cl[x] = (((c >= 0) & (c < Int(g.W))) | beyond) ? cl[x] : V{} - inf;
+          }
+          V top = V{} - inf;
+          for (int64_t y = 0; y < g.kh; ++y) {
+            const V row_term = rl[y];
+            for_chunks(g.kw, [&](int64_t x0, auto width) {
+              constexpr int kT = decltype(width)::value;
+              V acc[kT];
+              for (int t = 0; t < kT; ++t) acc[t] = row_term + cl[x0 + t];
+              if (in.k.data)
+                row_dots<kT>(q0 + p0, kf.data() + before + p0 + tap_offset[y * g.kw + x0],
+                             stride, g.dw, g.D, acc);
+              for (int t = 0; t < kT; ++t) {
+                S[y * g.kw + x0 + t] = acc[t];
+                top = acc[t] > top ? acc[t] : top;
+              }
+            });
+          }
+          if (g.Dv <= 8) {  // one pass takes each weight and adds it in, as above
+            for_chunks(g.Dv, [&](int64_t, auto width) {
+              constexpr int kW = decltype(width)::value;
+              V acc[kW], total{};
+              for (int c = 0; c < kW; ++c) acc[c] = V{};
+              for (int64_t y = 0; y < g.kh; ++y) {
+                const scalar_t* p = vf.data() + before + p0 + tap_offset[y * g.kw];
+                for (int64_t x = 0; x < g.kw; ++x) {
+                  const V e = Simd<scalar_t>::exp_minus(S[y * g.kw + x], top);
+                  total += e;
+                  for (int c = 0; c < kW; ++c) acc[c] += e * load(p + x * g.dw + c * stride);
+                }
+              }
+              const V inv = scalar_t(1) / total;
+              for (int c = 0; c < kW; ++c)
+                store_lanes(out.row(b, n, c, 0) + p0, acc[c] * inv, HW - p0);
+            });
+            continue;
+          }
+          V total{};
+          for (int64_t u = 0; u < T; ++u) {
+            S[u] = Simd<scalar_t>::exp_minus(S[u], top);
+            total += S[u];
+          }
+          const V inv = scalar_t(1) / total;  // the centre tap always exists
+          for_chunks(g.Dv, [&](int64_t d0, auto width) {
+            constexpr int kW = decltype(width)::value;
+            V acc[kW];
+            for (int c = 0; c < kW; ++c) acc[c] = V{};
+            for (int64_t y = 0; y < g.kh; ++y)
+              row_sum<kW>(S.data() + y * g.kw,
+                          vf.data() + d0 * stride + before + p0 + tap_offset[y * g.kw],
+                          stride, g.dw, g.kw, acc);
+            for (int c = 0; c < kW; ++c)
+              store_lanes(out.row(b, n, d0 + c, 0) + p0, acc[c] * inv, HW - p0);
+          });
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t> out,
                     scalar_t* attn) {
   using V = Vec<scalar_t>;
   constexpr int L = Simd<scalar_t>::L;
   const int64_t work = g.rows() * g.W * g.N * g.taps() * (g.D + g.Dv);
+  if (attn == nullptr && flat_worthwhile(g, out)) return forward_flat(g, in, out);
   parallel_bands(g, work, [&](int64_t, int64_t r0, int64_t r1) {
     Worker<scalar_t> w(g, in);
     for (int64_t n = 0; n < g.N; ++n) {
@@ -480,6 +670,28 @@ void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar
         w.start(b, i, n);
         for (int64_t j0 = 0; j0 < g.W; j0 += L) {
           if (row + 1 < r1) w.prefetch(b, i, j0);
+          if (!attn && g.Dv <= 8) {
+            // Head widths up to 8: one pass over the taps takes each weight
+            // and adds it in (the same sums, in the same order).
+            const V top = w.logits(j0);
+            for_chunks(g.Dv, [&](int64_t, auto width) {
+              constexpr int kW = decltype(width)::value;
+              V acc[kW], total{};
+              for (int c = 0; c < kW; ++c) acc[c] = V{};
+              for (int64_t r = 0; r < int64_t(w.rows.size()); ++r) {
+                const scalar_t* p = w.value(r, 0, j0);
+                for (int64_t x = 0; x < g.kw; ++x) {
+                  const V e = Simd<scalar_t>::exp_minus(w.S[r * g.kw + x], top);
+                  total += e;
+                  for (int c = 0; c < kW; ++c) acc[c] += e * load(p + x * g.dw + c * g.Wpad);
+                }
+              }
+              const V inv = scalar_t(1) / total;
+              for (int c = 0; c < kW; ++c)
+                store_lanes(out.row(b, n, c, i) + j0, acc[c] * inv, g.W - j0);
+            });
+            continue;
+          }
           const V inv = w.attention(j0);
           if (attn) {
             scalar_t* m = map_block(attn, g, row, n, j0);
