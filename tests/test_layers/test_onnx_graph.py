@@ -185,20 +185,24 @@ def test_fused_node_in_onnxruntime(case, tmp_path, monkeypatch):
                                        atol=1e-5, err_msg=isa)
 
 
-@needs_library
-def test_fused_node_rejects_bad_inputs(tmp_path):
+def _fused_node_file(path, inputs, logits) -> str:
+    """Writes a model of one ``LocalAttention`` node (window 3, 2 heads) with
+    float inputs named ``inputs`` and output 'y' to ``path``."""
     from onnx import TensorProto, helper
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-              for n in ('q', 'k', 'v', 'r', 'c')]
-    node = helper.make_node('LocalAttention', ['q', 'k', 'v', 'r', 'c'], ['y'],
-                            domain=CUSTOM_DOMAIN, window=[3, 3], dilation=[1, 1], heads=2,
-                            logits='qk+qr')
-    graph = helper.make_graph([node], 'g', inputs,
-                              [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)])
+    node = helper.make_node('LocalAttention', list(inputs), ['y'], domain=CUSTOM_DOMAIN,
+                            window=[3, 3], dilation=[1, 1], heads=2, logits=logits)
+    graph = helper.make_graph(
+        [node], 'g', [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17),
                                                     helper.make_opsetid(CUSTOM_DOMAIN, 1)])
-    path = str(tmp_path / 'bad.onnx')
-    onnx.save(model, path)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@needs_library
+def test_fused_node_rejects_bad_inputs(tmp_path):
+    path = _fused_node_file(tmp_path / 'bad.onnx', 'qkvrc', 'qk+qr')
     options = ort.SessionOptions()
     options.register_custom_ops_library(onnxruntime_ops_path())
     session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
@@ -271,16 +275,7 @@ def test_packed_fused_node_matches_pytorch(encoding, logits, tmp_path, monkeypat
 
 @needs_library
 def test_packed_fused_node_rejects_bad_inputs(tmp_path, monkeypatch):
-    from onnx import TensorProto, helper
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in 'qkv']
-    node = helper.make_node('LocalAttention', ['q', 'k', 'v'], ['y'], domain=CUSTOM_DOMAIN,
-                            window=[3, 3], dilation=[1, 1], heads=2, logits='qk')
-    graph = helper.make_graph([node], 'g', inputs,
-                              [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17),
-                                                    helper.make_opsetid(CUSTOM_DOMAIN, 1)])
-    path = str(tmp_path / 'packed.onnx')
-    onnx.save(model, path)
+    path = _fused_node_file(tmp_path / 'packed.onnx', 'qkv', 'qk')
     session = _isa_session(path, 'baseline', monkeypatch)
     packed = np.random.default_rng(0).standard_normal((1, 3, 2, 4, 5, 6)).astype(np.float32)
     empty = np.zeros(0, np.float32)
