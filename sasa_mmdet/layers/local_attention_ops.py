@@ -153,7 +153,7 @@ def _empty_output(query, key, value, backend: str) -> Tensor:
     'triton' channels-last when it reads q, k, v so."""
     if backend == 'triton':
         triton = _backend_module('triton')
-        return triton.empty_map(value.shape, value, triton.output_layout(query, key, value))
+        return triton.empty_map(value.shape, value, triton.channels_last(query, key, value))
     return value.new_empty(value.shape)
 
 

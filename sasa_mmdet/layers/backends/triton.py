@@ -938,8 +938,9 @@ def _launch_args(query, key, value, rel_row, rel_col, window, dilation, layout) 
 
 
 def forward(query, key, value, rel_row, rel_col, window, dilation, keep_attention):
-    """Returns ``(out, lse)``: out in v's dtype, in the kernels' layout
-    (:func:`output_layout`), lse ``(B, N, H, W)`` float32 (log2 units).
+    """Returns ``(out, lse)``: out in v's dtype, channels-last (as
+    :func:`empty_map` makes it) when :func:`channels_last` holds for q, k, v,
+    otherwise contiguous; lse ``(B, N, H, W)`` float32 (log2 units).
     ``keep_attention`` is ignored: the map is never stored."""
     _check_head_widths(query, value)
     batch, heads, _, height, width = query.shape
@@ -954,12 +955,6 @@ def forward(query, key, value, rel_row, rel_col, window, dilation, keep_attentio
             *tensors, out, lse, *strides, *_strides(out, layout), *geometry,
             **flags['_forward_kernel'])
     return out, lse
-
-
-def output_layout(query, key, value) -> bool:
-    """Whether :func:`forward` returns its output channels-last (as
-    :func:`empty_map` makes it): when it reads q, k, v so."""
-    return channels_last(query, key, value)
 
 
 def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, dilation,
