@@ -219,11 +219,16 @@ def _channels_last(t):
     (8, 24, True),     # narrower than a block (padded to 16, 32)
     (4, 4, False),     # not a multiple of 8: planar (copied)
 ])
-def test_channels_last_maps_match_reference(dim, value_dim, vectorised):
+def test_channels_last_maps_match_reference(dim, value_dim, vectorised, monkeypatch):
     """q, k, v, the output gradient and the gradient buffers channel-
     innermost, as a channels-last projection makes them: read and written in
-    place (vector loads on GPUs), the output channels-last too."""
+    place by the kernels' channels-last variant (vector loads on GPUs), the
+    output channels-last too."""
     window = (5, 5)
+    calls = []
+    for name in triton_backend().KERNELS:
+        kernel = getattr(triton_backend(), name)
+        monkeypatch.setattr(kernel, 'run', _recording(kernel.run, calls))
     q, k, v, rel_row, rel_col = (None if t is None else t.detach() for t in
                                  _inputs(2, dim, 6, 9, window, value_dim=value_dim))
     q, k, v = (_channels_last(t) for t in (q, k, v))
@@ -243,6 +248,7 @@ def test_channels_last_maps_match_reference(dim, value_dim, vectorised):
     for name, got, expect in zip(('q', 'k', 'v', 'rel_row', 'rel_col'), (*buffers, *grad_rel),
                                  want):
         _assert_close(got, expect, torch.float32, f'grad {name}')
+    assert len(calls) == 4 and {c['CHANNELS_LAST'] for c in calls} == {vectorised}
 
 
 def test_channels_last_layer_equals_reference_and_stays_channels_last():
