@@ -12,7 +12,9 @@
   export inside ``export_graph('onnxruntime')``
   (``sasa_mmdet.layers.backends.onnx_graph``).
 - :func:`pack_attention_inputs`: rewrites an exported graph so that each
-  fused node reads its layer's q/k/v projection in place (no ``Split``).
+  fused node reads its layer's q/k/v projection in place (no ``Split``);
+  :func:`fuse_attention_epilogues` folds the stride's ``AveragePool``, a
+  ``BatchNormalization`` and a ``Relu`` after a fused node into it.
 - :class:`End2EndDetector`: a detector's network with box decoding and NMS
   (``NonMaxSuppression``) in the graph, outputs ``dets (B, N, 5)`` and
   ``labels (B, N)`` as mmdeploy's detectors.
@@ -23,12 +25,12 @@ Example:
     >>> options.register_custom_ops_library(onnxruntime_ops_path())
 """
 from .end2end import END2END_OUTPUTS, End2EndDetector, detections_from_outputs
-from .onnx_passes import pack_attention_inputs
+from .onnx_passes import fuse_attention_epilogues, pack_attention_inputs
 from .onnx_symbolic import (CUSTOM_DOMAIN, onnxruntime_ops_available,
                             onnxruntime_ops_path, register_onnx_symbolic)
 
 __all__ = [
     'CUSTOM_DOMAIN', 'END2END_OUTPUTS', 'End2EndDetector', 'detections_from_outputs',
-    'onnxruntime_ops_available', 'onnxruntime_ops_path', 'pack_attention_inputs',
+    'fuse_attention_epilogues', 'onnxruntime_ops_available', 'onnxruntime_ops_path', 'pack_attention_inputs',
     'register_onnx_symbolic'
 ]

@@ -7,6 +7,11 @@ records its split into q, k and v as a ``Split`` (a copy of the projection in
 onnxruntime) and three ``Squeeze`` nodes. The node reads q, k and v in place
 from the packed tensor (its first input, the key and value inputs empty), so
 the rewrite removes those four nodes and the copy per layer.
+
+:func:`fuse_attention_epilogues` folds the layers that follow a fused node
+into it, as onnxruntime folds them into a convolution: the layer's stride
+(an ``AveragePool``), an inference ``BatchNormalization`` and a ``Relu``
+become the node's ``pool``, ``scale``/``shift`` and ``activation``.
 """
 from typing import Dict, List, Optional
 
@@ -105,19 +110,227 @@ def pack_attention_inputs(model) -> int:
 
 
 def _remove_unused(model, op_types) -> None:
-    """Drop nodes of ``op_types`` none of whose outputs anything reads,
-    until none is left."""
+    """Drop nodes of ``op_types`` none of whose outputs anything reads (a
+    node, a subgraph's node or the graph's outputs), until none is left."""
     graph = model.graph
     while True:
-        read: Dict[str, int] = {}
-        for node in graph.node:
-            for name in node.input:
-                read[name] = read.get(name, 0) + 1
-        for output in graph.output:
-            read[output.name] = 1
+        read = _read_names(graph) | {output.name for output in graph.output}
         dead = [i for i, node in enumerate(graph.node)
-                if node.op_type in op_types and not any(read.get(o) for o in node.output)]
+                if node.op_type in op_types and not any(o in read for o in node.output)]
         if not dead:
             return
         for i in reversed(dead):
             del graph.node[i]
+
+
+#: The operators of the exporter's shape arithmetic (a flatten's target shape).
+_SHAPE_OPS = ('Shape', 'Slice', 'Gather', 'Concat', 'Unsqueeze', 'Squeeze', 'Cast', 'Mul',
+              'Div', 'Add', 'Sub', 'Reshape', 'ConstantOfShape', 'Equal', 'Where')
+
+
+def _attribute(node, name, default=None):
+    from onnx import helper
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _constant(model, name: str):
+    """The value of an initializer or Constant node named ``name``, also
+    through ``Identity`` nodes (the exporter's shared parameters), else
+    None."""
+    from onnx import numpy_helper
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    for node in model.graph.node:
+        if list(node.output) == [name]:
+            if node.op_type == 'Identity':
+                return _constant(model, node.input[0])
+            if node.op_type == 'Constant':
+                value = _attribute(node, 'value')
+                return None if value is None else numpy_helper.to_array(value)
+    return None
+
+
+def _stride_pool(node) -> Optional[List[int]]:
+    """``[ph, pw]`` if ``node`` is the pool of a layer's stride: kernel and
+    strides equal, ceil mode, no padding (a window at the edge averages the
+    pixels it covers); else None."""
+    kernel = _attribute(node, 'kernel_shape')
+    if node.op_type != 'AveragePool' or kernel is None or len(kernel) != 2 or \
+            list(_attribute(node, 'strides', [1, 1])) != list(kernel) or \
+            _attribute(node, 'ceil_mode', 0) != 1 or any(_attribute(node, 'pads', [0])) or \
+            _attribute(node, 'auto_pad', b'NOTSET') not in (b'NOTSET', 'NOTSET') or \
+            any(d != 1 for d in _attribute(node, 'dilations', [1, 1])):
+        return None
+    return list(kernel)
+
+
+def _batch_norm(model, node):
+    """``(scale, shift)`` float32 of an inference ``BatchNormalization``
+    whose parameters are constants, else None."""
+    import numpy as np
+    if node.op_type != 'BatchNormalization' or len(node.output) != 1 or \
+            _attribute(node, 'training_mode', 0):
+        return None
+    params = [_constant(model, name) for name in node.input[1:5]]
+    if any(p is None for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    scale = gamma / np.sqrt(var + _attribute(node, 'epsilon', 1e-5))
+    return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
+
+
+def fuse_attention_epilogues(model) -> int:
+    """Fold what follows each ``sasa_mmdet::LocalAttention`` node into it:
+    after the ``Reshape`` of its ``(B, N, Dv, H, W)`` output to ``(B, N *
+    Dv, H, W)``, the layer's stride pool (``AveragePool``, kernel = stride,
+    ceil mode), then a ``BatchNormalization`` with constant statistics
+    (``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``),
+    then a ``Relu``; any of them may be missing, in that order. Each folded
+    node must be the only reader of the output before it. In place.
+
+    The node applies them in the same order (attributes ``pool`` and
+    ``activation``, inputs ``scale`` and ``shift``), so the outputs are
+    the same numbers up to float32 rounding (the BatchNorm's arithmetic is
+    reordered, as onnxruntime's fusion of a BatchNorm into a convolution
+    reorders it).
+
+    Args:
+        model (onnx.ModelProto): An exported model.
+
+    Returns:
+        int: How many nodes were folded in.
+
+    Example:
+        >>> import onnx
+        >>> model = onnx.load('demo_sasa_onnxruntime.onnx')
+        >>> fuse_attention_epilogues(model)
+        27
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    readers: Dict[str, List] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def only_reader(name):
+        nodes = readers.get(name, [])
+        return nodes[0] if len(nodes) == 1 and name not in outputs else None
+
+    def shape_only(node, reshape):
+        """Whether ``node`` and what reads it only compute ``reshape``'s
+        target shape (the exporter's Shape/Slice/Concat of a flatten)."""
+        stack, seen = [node], set()
+        while stack:
+            current = stack.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            if current.op_type not in _SHAPE_OPS:
+                return False
+            for name in current.output:
+                if name in outputs:
+                    return False
+                for reader in readers.get(name, []):
+                    if reader is reshape:
+                        if list(reshape.input).index(name) != 1:
+                            return False
+                    else:
+                        stack.append(reader)
+        return True
+
+    folded, removed, pooled, parameters = 0, set(), {}, set()
+    for node in list(graph.node):
+        if node.op_type != 'LocalAttention' or node.domain != 'sasa_mmdet' or \
+                _attribute(node, 'pool') is not None or len(node.input) > 5 or \
+                node.output[0] in outputs:
+            continue
+        reshapes = [n for n in readers.get(node.output[0], []) if n.op_type == 'Reshape']
+        if len(reshapes) != 1 or list(reshapes[0].input).index(node.output[0]) != 0:
+            continue
+        reshape = reshapes[0]
+        # the flatten's target shape may be read from the node's output
+        if not all(n is reshape or shape_only(n, reshape)
+                   for n in readers.get(node.output[0], [])):
+            continue
+        shape = _int_list(model, reshape.input[1])
+        last, chain, pool, affine, relu = reshape, [], None, None, False
+        follower = only_reader(last.output[0])
+        # a pooled output needs the flatten's target size from the output
+        if follower is not None and _stride_pool(follower) and \
+                (shape is None or all(size in (0, -1) for size in shape[2:])):
+            pool, last = _stride_pool(follower), follower
+            chain.append(follower)
+            follower = only_reader(last.output[0])
+        if follower is not None and _batch_norm(model, follower) is not None:
+            affine, last = _batch_norm(model, follower), follower
+            parameters.update(follower.input[1:5])
+            chain.append(follower)
+            follower = only_reader(last.output[0])
+        if follower is not None and follower.op_type == 'Relu':
+            relu, last = True, follower
+            chain.append(follower)
+        if not chain:
+            continue
+        if pool is not None:
+            node.attribute.append(helper.make_attribute('pool', pool))
+        if relu:
+            node.attribute.append(helper.make_attribute('activation', 'relu'))
+        if affine is not None:
+            while len(node.input) < 5:
+                node.input.append('')  # no q.r tables
+            for suffix, value in zip(('scale', 'shift'), affine):
+                name = f'{node.name or node.output[0]}_{suffix}'
+                graph.initializer.append(numpy_helper.from_array(value, name))
+                node.input.append(name)
+        # the Reshape now flattens the finished output; the folded nodes go
+        reshape.output[0] = last.output[0]
+        removed.update(id(n) for n in chain)
+        if pool is not None:
+            pooled[node.output[0]] = pool
+        folded += len(chain)
+    if folded:
+        kept = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(kept)
+        # shapes recorded for tensors that left the graph go; a pooled
+        # output's (onnxruntime folds the flatten's shape arithmetic with it)
+        live = {name for n in graph.node for name in n.output}
+        kept_info = [v for v in graph.value_info if v.name in live]
+        del graph.value_info[:]
+        graph.value_info.extend(kept_info)
+        for info in graph.value_info:
+            if info.name in pooled:
+                for dim, stride in zip(info.type.tensor_type.shape.dim[3:], pooled[info.name]):
+                    if dim.HasField('dim_value'):
+                        dim.dim_value = -(-dim.dim_value // stride)
+                    else:
+                        dim.Clear()
+        # the folded BatchNorms' parameters, unless something else reads them
+        _remove_unused(model, ('Identity', 'Constant'))
+        unread = parameters - _read_names(graph)
+        kept_tensors = [t for t in graph.initializer if t.name not in unread]
+        del graph.initializer[:]
+        graph.initializer.extend(kept_tensors)
+    return folded
+
+
+def _read_names(graph) -> set:
+    """Every tensor name that a node of ``graph`` or of its subgraphs reads."""
+    from onnx import AttributeProto
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                names |= _read_names(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    names |= _read_names(sub)
+    return names

@@ -6,9 +6,9 @@ import onnx
 import pytest
 import torch
 
-from sasa_mmdet.deployment import (CUSTOM_DOMAIN, onnxruntime_ops_available,
-                                   onnxruntime_ops_path, pack_attention_inputs,
-                                   register_onnx_symbolic)
+from sasa_mmdet.deployment import (CUSTOM_DOMAIN, fuse_attention_epilogues,
+                                   onnxruntime_ops_available, onnxruntime_ops_path,
+                                   pack_attention_inputs, register_onnx_symbolic)
 from sasa_mmdet.layers import LocalSelfAttention2d
 from sasa_mmdet.layers.backends import onnx_graph
 from sasa_mmdet.layers.backends.reference import local_attention_reference
@@ -271,6 +271,110 @@ def test_packed_fused_node_matches_pytorch(encoding, logits, tmp_path, monkeypat
                 np.testing.assert_allclose(session.run(None, {'x': batch.numpy()})[0], out,
                                            rtol=1e-5, atol=1e-5, err_msg=isa)
     assert pack_attention_inputs(exported) == 0  # nothing left to pack
+
+
+class _Epilogues(torch.nn.Module):
+    """Attention layers followed by what fuse_attention_epilogues folds: a
+    stride, BatchNorm and ReLU; BatchNorm alone; and a BatchNorm whose
+    output is also an output of the model (its ReLU stays a node)."""
+
+    def __init__(self, encoding):
+        super().__init__()
+        kwargs = dict(num_heads=2, position_encoding=encoding)
+        self.attention = torch.nn.ModuleList([
+            LocalSelfAttention2d(8, 8, 3, stride=2, **kwargs),
+            LocalSelfAttention2d(8, 12, 5, dilation=2, **kwargs),
+            LocalSelfAttention2d(12, 8, 3, **kwargs)])
+        self.norm = torch.nn.ModuleList(torch.nn.BatchNorm2d(c) for c in (8, 12, 8))
+        for norm in self.norm:  # statistics other than the identity's
+            torch.nn.init.uniform_(norm.weight, 0.5, 2)
+            torch.nn.init.normal_(norm.bias)
+            torch.nn.init.normal_(norm.running_mean)
+            torch.nn.init.uniform_(norm.running_var, 0.5, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.norm[0](self.attention[0](x)))
+        x = self.norm[1](self.attention[1](x))
+        y = self.norm[2](self.attention[2](x))
+        return torch.relu(y), y
+
+
+@needs_library
+@pytest.mark.parametrize('encoding', ['relative', 'none'])  # q.k + q.r, q.k
+def test_fused_epilogues_match_pytorch(encoding, tmp_path, monkeypatch):
+    """fuse_attention_epilogues: the stride pool, BatchNorms and ReLU after
+    the fused nodes become their attributes and inputs, on odd map sizes
+    (the pool's ceil mode), with the same numbers as the layers."""
+    register_onnx_symbolic(17)
+    torch.manual_seed(0)
+    model = _Epilogues(encoding).eval()
+    x = torch.randn(2, 8, 11, 9)
+    path = str(tmp_path / 'epilogues.onnx')
+    with torch.no_grad(), onnx_graph.export_graph('onnxruntime'):
+        torch.onnx.export(model, (x, ), path, input_names=['x'], output_names=['relu', 'y'],
+                          opset_version=17, dynamo=False,
+                          dynamic_axes={'x': {0: 'b', 2: 'h', 3: 'w'}})
+    exported = onnx.load(path)
+    pack_attention_inputs(exported)
+    assert fuse_attention_epilogues(exported) == 5  # pool, BN, ReLU; BN; BN
+    ops = [node.op_type for node in exported.graph.node]
+    assert 'AveragePool' not in ops and 'BatchNormalization' not in ops
+    assert ops.count('Relu') == 1  # the last BatchNorm's output is read twice
+    nodes = [n for n in exported.graph.node if n.op_type == 'LocalAttention']
+    attributes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                  for n in nodes]
+    assert attributes[0]['pool'] == [2, 2] and attributes[0]['activation'] == b'relu'
+    assert 'pool' not in attributes[1] and 'activation' not in attributes[1]
+    assert [len(n.input) for n in nodes] == [7, 7, 7]
+    onnx.checker.check_model(exported)
+    onnx.save(exported, path)
+    inputs = [x, torch.randn(1, 8, 7, 10)]
+    with torch.no_grad():
+        want = [model(batch) for batch in inputs]
+    for isa in ISAS:
+        session = _isa_session(path, isa, monkeypatch)
+        if session is not None:
+            for batch, outs in zip(inputs, want):
+                for got, out in zip(session.run(None, {'x': batch.numpy()}), outs):
+                    np.testing.assert_allclose(got, out.numpy(), rtol=1e-5, atol=1e-5,
+                                               err_msg=isa)
+    assert fuse_attention_epilogues(exported) == 0  # nothing left to fold
+
+
+@needs_library
+def test_fused_epilogue_rejects_bad_inputs(tmp_path, monkeypatch):
+    from onnx import TensorProto, helper
+    path = _fused_node_file(tmp_path / 'epilogue.onnx', 'qkv', 'qk')
+    model = onnx.load(path)
+    node = model.graph.node[0]
+    node.input.extend(['', '', 'scale', 'shift'])
+    node.attribute.extend([helper.make_attribute('pool', [2, 2]),
+                           helper.make_attribute('activation', 'relu')])
+    model.graph.input.extend(
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ('scale', 'shift')])
+    onnx.save(model, path)
+    session = _isa_session(path, 'baseline', monkeypatch)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 4, 5, 7)).astype(np.float32)
+    scale, shift = rng.standard_normal((2, 8)).astype(np.float32)
+    out = session.run(None, dict(q=q, k=q, v=q, scale=scale, shift=shift))[0]
+    attention = local_attention_reference(*[torch.from_numpy(q)] * 3, (3, 3), (1, 1))
+    pooled = torch.nn.functional.avg_pool2d(attention.flatten(1, 2), 2, ceil_mode=True)
+    want = torch.relu(pooled * torch.from_numpy(scale)[:, None, None] +
+                      torch.from_numpy(shift)[:, None, None])
+    assert out.shape == (1, 2, 4, 3, 4)
+    np.testing.assert_allclose(out.reshape(1, 8, 3, 4), want.numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match=r'scale and shift must be \(N \* Dv\) = \(8\)'):
+        session.run(None, dict(q=q, k=q, v=q, scale=scale[:4], shift=shift))
+    for name, value, message in [('pool', [0, 2], 'pool must be two positive ints'),
+                                 ('activation', 'gelu', "activation must be 'none' or 'relu'")]:
+        bad = onnx.load(path)
+        for attr in bad.graph.node[0].attribute:
+            if attr.name == name:
+                attr.CopyFrom(helper.make_attribute(name, value))
+        onnx.save(bad, str(tmp_path / 'bad.onnx'))
+        with pytest.raises(Exception, match=message):
+            _isa_session(str(tmp_path / 'bad.onnx'), 'baseline', monkeypatch)
 
 
 @needs_library

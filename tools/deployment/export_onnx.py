@@ -348,7 +348,9 @@ def export(network: nn.Module, inputs: torch.Tensor, out: str, opset: int = 17,
     """``torch.onnx.export`` (TorchScript exporter, ``dynamo=False``), the
     attention recorded as ``backend`` says (:data:`BACKENDS`); with
     ``'onnxruntime'`` the fused nodes then take their layer's packed q/k/v
-    projection (``sasa_mmdet.deployment.pack_attention_inputs``).
+    projection (``sasa_mmdet.deployment.pack_attention_inputs``) and fold
+    in the stride pool, BatchNorm and ReLU after them
+    (``fuse_attention_epilogues``).
 
     Args:
         network (nn.Module): A :class:`TensorModeNetwork` or an
@@ -385,12 +387,13 @@ def export(network: nn.Module, inputs: torch.Tensor, out: str, opset: int = 17,
             opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
             dynamo=False)
     if backend == 'onnxruntime':
-        # each fused node reads its layer's q/k/v projection in place
+        # each fused node reads its layer's q/k/v projection in place and
+        # applies what follows it (as onnxruntime folds a convolution's)
         import onnx
 
-        from sasa_mmdet.deployment import pack_attention_inputs
+        from sasa_mmdet.deployment import fuse_attention_epilogues, pack_attention_inputs
         model = onnx.load(out)
-        if pack_attention_inputs(model):
+        if pack_attention_inputs(model) + fuse_attention_epilogues(model):
             onnx.save(model, out)
     return names
 

@@ -17,12 +17,26 @@ struct View {
   int64_t sb, sn, sd, sh, sw;
 };
 
+// What the node does to the attention's output before it stores it: the
+// layers after it that sasa_mmdet.deployment.fuse_attention_epilogues folds
+// in, in this order: a pool_h x pool_w average pool of the same stride (ceil
+// mode: a window at the bottom or right edge averages the pixels it covers;
+// the layer's stride), a per-channel affine (an inference BatchNorm) and a
+// ReLU.
+struct Epilogue {
+  int64_t pool_h = 1, pool_w = 1;
+  const float* scale = nullptr;  // (N * Dv) or null: out = scale * out + shift
+  const float* shift = nullptr;
+  bool relu = false;
+};
+
 struct ForwardCall {
   int64_t B, H, W, N, D, Dv, kh, kw, dh, dw, Dr, Dc;  // Dr = Dc = 0: no q.r logits
   View<const float> q, k, v;                         // k.data null: no q.k logits
   const float* rel_row;                              // (kh, N, Dr) or null
   const float* rel_col;                              // (kw, N, Dc) or null
-  View<float> out;
+  View<float> out;  // contiguous (B, N, Dv, ceil(H / pool_h), ceil(W / pool_w))
+  Epilogue epilogue;
 };
 
 // Defined by the library's onnxruntime glue: onnxruntime's thread pool.

@@ -15,6 +15,15 @@
 //            kernel reads q, k and v in place (what
 //            sasa_mmdet.deployment.pack_attention_inputs makes of an export)
 //
+//   and the layers after it, folded in by
+//   sasa_mmdet.deployment.fuse_attention_epilogues, applied in this order:
+//            pool (ints: ph, pw; default 1, 1): a ph x pw average pool of the
+//            same stride, ceil mode (the output is (B, N, Dv, ceil(H / ph),
+//            ceil(W / pw))); inputs scale and shift (N * Dv) (5 and 6;
+//            inputs 3 and 4 empty names without q.r logits): out = scale *
+//            out + shift per channel (an inference BatchNorm); activation
+//            (string: "none" or "relu")
+//
 // It runs the forward kernel of the CPU backend, local_attention_core.h (the
 // same source the PyTorch extension compiles; no second copy of the math), on
 // onnxruntime's intra-op thread pool, compiled for SSE2/the build's target,
@@ -37,6 +46,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "local_attention_forward.h"
@@ -62,8 +72,10 @@ namespace sasa_onnxruntime {
 
 int64_t max_threads() {
   // onnxruntime does not tell a kernel its thread count; bands beyond it are
-  // merely smaller pieces of work.
-  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+  // merely smaller pieces of work. Asked once: glibc reads it from /sys on
+  // every call (7 us, a tenth of a small node's time).
+  static const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return cores;
 }
 
 void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
@@ -129,9 +141,22 @@ void (*choose_forward())(const ForwardCall&) {
   throw error("SASA_MMDET_ONNXRUNTIME_ISA must be baseline, avx2 or avx512, got '" + isa + "'");
 }
 
+// An optional attribute, or `otherwise` when the node does not have it.
+template <typename T>
+T optional_attribute(const Ort::ConstKernelInfo& info, const char* name, T otherwise) {
+  try {
+    if constexpr (std::is_same_v<T, std::vector<int64_t>>)
+      return info.GetAttributes<int64_t>(name);
+    else
+      return info.GetAttribute<T>(name);
+  } catch (const Ort::Exception&) {
+    return otherwise;
+  }
+}
+
 struct LocalAttentionKernel {
-  int64_t kh, kw, dh, dw, heads;
-  bool with_key, with_rel;
+  int64_t kh, kw, dh, dw, heads, pool_h, pool_w;
+  bool with_key, with_rel, relu;
   void (*forward)(const ForwardCall&);
 
   explicit LocalAttentionKernel(const OrtKernelInfo* info) {
@@ -146,7 +171,15 @@ struct LocalAttentionKernel {
     if (heads < 1) throw error("heads must be positive");
     if (logits != "qk+qr" && logits != "qk" && logits != "qr")
       throw error("logits must be 'qk+qr', 'qk' or 'qr', got '" + logits + "'");
+    const auto pool = optional_attribute(attributes, "pool", std::vector<int64_t>{1, 1});
+    if (pool.size() != 2 || pool[0] < 1 || pool[1] < 1)
+      throw error("pool must be two positive ints");
+    const auto activation = optional_attribute(attributes, "activation", std::string("none"));
+    if (activation != "none" && activation != "relu")
+      throw error("activation must be 'none' or 'relu', got '" + activation + "'");
     kh = window[0], kw = window[1], dh = dilation[0], dw = dilation[1];
+    pool_h = pool[0], pool_w = pool[1];
+    relu = activation == "relu";
     with_key = logits != "qr";
     with_rel = logits != "qk";
     forward = choose_forward();
@@ -154,10 +187,14 @@ struct LocalAttentionKernel {
 
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext context(raw_context);
-    const size_t expected = with_rel ? 5 : 3;
-    if (context.GetInputCount() != expected)
-      throw error("expects " + std::to_string(expected) + " inputs for these logits, got " +
-                  std::to_string(context.GetInputCount()));
+    const size_t count = context.GetInputCount();
+    const auto given = [&](size_t index) {
+      return index < count && static_cast<const OrtValue*>(context.GetInput(index)) != nullptr;
+    };
+    if (given(3) != with_rel || given(4) != with_rel)
+      throw error(std::string("rel_row and rel_col (inputs 3 and 4) are ") +
+                  (with_rel ? "needed" : "not taken") + " with these logits");
+    if (given(5) != given(6)) throw error("scale and shift (inputs 5 and 6) come together");
     const auto query = context.GetInput(0), key = context.GetInput(1),
                value = context.GetInput(2);
     const auto input_shape = query.GetTensorTypeAndShapeInfo().GetShape();
@@ -205,7 +242,22 @@ struct LocalAttentionKernel {
       rel_row = row.GetTensorData<float>();
       rel_col = col.GetTensorData<float>();
     }
-    auto out = context.GetOutput(0, v_shape);
+    Epilogue epilogue{pool_h, pool_w, nullptr, nullptr, relu};
+    if (given(5)) {
+      const auto scale = context.GetInput(5), shift = context.GetInput(6);
+      const int64_t channels = v_shape[1] * v_shape[2];
+      if (scale.GetTensorTypeAndShapeInfo().GetShape() != std::vector<int64_t>{channels} ||
+          shift.GetTensorTypeAndShapeInfo().GetShape() != std::vector<int64_t>{channels})
+        throw error("scale and shift must be (N * Dv) = (" + std::to_string(channels) +
+                    "), got " + shape_string(scale.GetTensorTypeAndShapeInfo().GetShape()) +
+                    " and " + shape_string(shift.GetTensorTypeAndShapeInfo().GetShape()));
+      epilogue.scale = scale.GetTensorData<float>();
+      epilogue.shift = shift.GetTensorData<float>();
+    }
+    std::vector<int64_t> out_shape = v_shape;
+    out_shape[3] = (v_shape[3] + pool_h - 1) / pool_h;
+    out_shape[4] = (v_shape[4] + pool_w - 1) / pool_w;
+    auto out = context.GetOutput(0, out_shape);
     for (int64_t size : q_shape)
       if (size == 0) return;  // an empty batch or map: nothing to compute
     const View<const float> none{nullptr, 0, 0, 0, 0, 0};
@@ -222,7 +274,8 @@ struct LocalAttentionKernel {
     }
     const ForwardCall call{q_shape[0], q_shape[3], q_shape[4], q_shape[1], q_shape[2],
                            v_shape[2], kh, kw, dh, dw, Dr, Dc, q_in, k_in, v_in, rel_row,
-                           rel_col, planar(out.GetTensorMutableData<float>(), v_shape)};
+                           rel_col, planar(out.GetTensorMutableData<float>(), out_shape),
+                           epilogue};
     current_context = &context;
     run_on_one_thread = double(call.B) * call.H * call.W * call.N * call.kh * call.kw *
                             (call.D + call.Dv) < kMinParallelWork;
@@ -258,7 +311,7 @@ struct LocalAttentionOp
   }
   const char* GetName() const { return "LocalAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
+  size_t GetInputTypeCount() const { return 7; }
   ONNXTensorElementDataType GetInputType(size_t) const {
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
