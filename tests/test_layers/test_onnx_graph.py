@@ -144,11 +144,13 @@ needs_library = pytest.mark.skipif(
 ISAS = ('baseline', 'avx2', 'avx512')
 
 
-def _isa_session(path, isa, monkeypatch):
+def _isa_session(path, isa, monkeypatch, threads=0):
     """A session of ``path`` whose fused nodes run the kernel compiled for
-    ``isa``; None when this CPU does not have it."""
+    ``isa`` (on ``threads`` intra-op threads; 0: onnxruntime's default);
+    None when this CPU does not have it."""
     monkeypatch.setenv('SASA_MMDET_ONNXRUNTIME_ISA', isa)
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     options.register_custom_ops_library(onnxruntime_ops_path())
     try:
         return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
@@ -328,11 +330,13 @@ def test_fused_epilogues_match_pytorch(encoding, tmp_path, monkeypatch):
     assert [len(n.input) for n in nodes] == [7, 7, 7]
     onnx.checker.check_model(exported)
     onnx.save(exported, path)
-    inputs = [x, torch.randn(1, 8, 7, 10)]
+    # rows of whole blocks; the last large enough (over 2**20 multiply-adds a
+    # node) to run on two threads
+    inputs = [x, torch.randn(1, 8, 7, 10), torch.randn(1, 8, 34, 32), torch.randn(1, 8, 96, 96)]
     with torch.no_grad():
         want = [model(batch) for batch in inputs]
     for isa in ISAS:
-        session = _isa_session(path, isa, monkeypatch)
+        session = _isa_session(path, isa, monkeypatch, threads=2)
         if session is not None:
             for batch, outs in zip(inputs, want):
                 for got, out in zip(session.run(None, {'x': batch.numpy()}), outs):

@@ -503,6 +503,23 @@ void parallel_bands(const Geometry& g, int64_t work, Fn&& fn) {
 // column is outside the image get -inf in their row or column term (weight
 // exactly 0, as in the row-by-row kernel). Same sums in the same order as
 // there: the outputs agree to rounding (taps outside add exact zeros).
+// What the forward does to each output value as it stores it: x * scale[c]
+// + shift[c] (c = n * Dv + d, the output channel), then max(x, 0) (a NaN
+// stays NaN): the inference BatchNorm and ReLU after a layer, which the
+// onnxruntime library folds in. The identity by default.
+template <typename scalar_t>
+struct OutputTransform {
+  const scalar_t* scale = nullptr;  // (N * Dv) or null; then shift too
+  const scalar_t* shift = nullptr;
+  bool relu = false;
+
+  Vec<scalar_t> operator()(Vec<scalar_t> x, int64_t channel) const {
+    if (scale) x = x * scale[channel] + shift[channel];
+    if (relu) x = x < Vec<scalar_t>{} ? Vec<scalar_t>{} : x;
+    return x;
+  }
+};
+
 template <typename scalar_t>
 bool flat_worthwhile(const Geometry& g, const Planar<scalar_t>& out) {
   constexpr int64_t kMaxPlane = 4096;  // pixels: the head's planes stay in cache
@@ -511,7 +528,8 @@ bool flat_worthwhile(const Geometry& g, const Planar<scalar_t>& out) {
 }
 
 template <typename scalar_t>
-void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t> out) {
+void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t> out,
+                  const OutputTransform<scalar_t>& finish) {
   using V = Vec<scalar_t>;
   using I = typename Simd<scalar_t>::I;
   using Int = typename Simd<scalar_t>::Int;
@@ -628,7 +646,8 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
               }
               const V inv = scalar_t(1) / total;
               for (int c = 0; c < kW; ++c)
-                store_lanes(out.row(b, n, c, 0) + p0, acc[c] * inv, HW - p0);
+                store_lanes(out.row(b, n, c, 0) + p0, finish(acc[c] * inv, n * g.Dv + c),
+                            HW - p0);
             });
             continue;
           }
@@ -647,7 +666,8 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
                           vf.data() + d0 * stride + before + p0 + tap_offset[y * g.kw],
                           stride, g.dw, g.kw, acc);
             for (int c = 0; c < kW; ++c)
-              store_lanes(out.row(b, n, d0 + c, 0) + p0, acc[c] * inv, HW - p0);
+              store_lanes(out.row(b, n, d0 + c, 0) + p0,
+                          finish(acc[c] * inv, n * g.Dv + d0 + c), HW - p0);
           });
         }
       }
@@ -657,11 +677,11 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
 
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t> out,
-                    scalar_t* attn) {
+                    scalar_t* attn, const OutputTransform<scalar_t>& finish = {}) {
   using V = Vec<scalar_t>;
   constexpr int L = Simd<scalar_t>::L;
   const int64_t work = g.rows() * g.W * g.N * g.taps() * (g.D + g.Dv);
-  if (attn == nullptr && flat_worthwhile(g, out)) return forward_flat(g, in, out);
+  if (attn == nullptr && flat_worthwhile(g, out)) return forward_flat(g, in, out, finish);
   parallel_bands(g, work, [&](int64_t, int64_t r0, int64_t r1) {
     Worker<scalar_t> w(g, in);
     for (int64_t n = 0; n < g.N; ++n) {
@@ -688,7 +708,8 @@ void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar
               }
               const V inv = scalar_t(1) / total;
               for (int c = 0; c < kW; ++c)
-                store_lanes(out.row(b, n, c, i) + j0, acc[c] * inv, g.W - j0);
+                store_lanes(out.row(b, n, c, i) + j0, finish(acc[c] * inv, n * g.Dv + c),
+                            g.W - j0);
             });
             continue;
           }
@@ -707,7 +728,8 @@ void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar
             V acc[kW] = {};
             w.template weighted_sum<kW>(w.S.data(), false, d0, j0, acc);
             for (int c = 0; c < kW; ++c)
-              store_lanes(out.row(b, n, d0 + c, i) + j0, acc[c] * inv, g.W - j0);
+              store_lanes(out.row(b, n, d0 + c, i) + j0,
+                          finish(acc[c] * inv, n * g.Dv + d0 + c), g.W - j0);
           });
         }
         if (attn) {  // the blocks of the row's padding past its last block hold zeros
