@@ -544,8 +544,25 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
   const int64_t parts = std::max<int64_t>(
       1, std::min<int64_t>({max_threads(), units, work / kMinWork}));
   parallel_for(parts, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> qf(g.D * stride, 0), kf(in.k.data ? g.D * stride : 0, 0),
-        vf(g.Dv * stride, 0);
+    // The zero-padded planes of one head's q, k and v. Up to kKeptPlanes
+    // numbers they live in a buffer this thread keeps from call to call
+    // (allocating and zeroing it took a fifth of a small node's time), and
+    // only the padding around each plane is zeroed; larger ones are
+    // allocated per call.
+    constexpr size_t kKeptPlanes = 1 << 18;
+    const int64_t channels = 2 * g.D + g.Dv;
+    thread_local std::vector<scalar_t> kept;
+    std::vector<scalar_t> own;
+    std::vector<scalar_t>& planes = size_t(channels * stride) <= kKeptPlanes ? kept : own;
+    if (planes.size() < size_t(channels * stride)) planes.resize(channels * stride);
+    for (int64_t c = 0; c < channels; ++c) {
+      scalar_t* plane = planes.data() + c * stride;
+      std::fill(plane, plane + before, scalar_t(0));
+      std::fill(plane + before + HW, plane + stride, scalar_t(0));
+    }
+    scalar_t* const qf = planes.data();
+    scalar_t* const kf = qf + g.D * stride;
+    scalar_t* const vf = kf + g.D * stride;
     std::vector<V> S(T), rl(g.kh), cl(g.kw);
     std::vector<int64_t> tap_offset(T);
     for (int64_t y = 0; y < g.kh; ++y)
@@ -569,10 +586,10 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
     for (int64_t part = begin; part < end; ++part) {
       for (int64_t unit = part * units / parts; unit < (part + 1) * units / parts; ++unit) {
         const int64_t b = unit / g.N, n = unit % g.N;
-        copy_planes(in.q, g.D, b, n, qf.data());
-        if (in.k.data) copy_planes(in.k, g.D, b, n, kf.data());
-        copy_planes(in.v, g.Dv, b, n, vf.data());
-        const scalar_t* q0 = qf.data() + before;
+        copy_planes(in.q, g.D, b, n, qf);
+        if (in.k.data) copy_planes(in.k, g.D, b, n, kf);
+        copy_planes(in.v, g.Dv, b, n, vf);
+        const scalar_t* q0 = qf + before;
         for (int64_t p0 = 0; p0 < HW; p0 += L) {
           // Each lane's row and column; lanes past the plane keep every tap.
           I col = lane + Int(p0 % g.W), row = I{} + Int(p0 / g.W);
@@ -623,7 +640,7 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
               V acc[kT];
               for (int t = 0; t < kT; ++t) acc[t] = row_term + cl[x0 + t];
               if (in.k.data)
-                row_dots<kT>(q0 + p0, kf.data() + before + p0 + tap_offset[y * g.kw + x0],
+                row_dots<kT>(q0 + p0, kf + before + p0 + tap_offset[y * g.kw + x0],
                              stride, g.dw, g.D, acc);
               for (int t = 0; t < kT; ++t) {
                 S[y * g.kw + x0 + t] = acc[t];
@@ -637,7 +654,7 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
               V acc[kW], total{};
               for (int c = 0; c < kW; ++c) acc[c] = V{};
               for (int64_t y = 0; y < g.kh; ++y) {
-                const scalar_t* p = vf.data() + before + p0 + tap_offset[y * g.kw];
+                const scalar_t* p = vf + before + p0 + tap_offset[y * g.kw];
                 for (int64_t x = 0; x < g.kw; ++x) {
                   const V e = Simd<scalar_t>::exp_minus(S[y * g.kw + x], top);
                   total += e;
@@ -663,7 +680,7 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
             for (int c = 0; c < kW; ++c) acc[c] = V{};
             for (int64_t y = 0; y < g.kh; ++y)
               row_sum<kW>(S.data() + y * g.kw,
-                          vf.data() + d0 * stride + before + p0 + tap_offset[y * g.kw],
+                          vf + d0 * stride + before + p0 + tap_offset[y * g.kw],
                           stride, g.dw, g.kw, acc);
             for (int c = 0; c < kW; ++c)
               store_lanes(out.row(b, n, d0 + c, 0) + p0,
