@@ -245,7 +245,7 @@ def fuse_attention_epilogues(model) -> int:
                         stack.append(reader)
         return True
 
-    folded, removed, pooled, parameters = 0, set(), {}, set()
+    folded, removed, pooled = 0, set(), {}
     for node in list(graph.node):
         if node.op_type != 'LocalAttention' or node.domain != 'sasa_mmdet' or \
                 _attribute(node, 'pool') is not None or len(node.input) > 5 or \
@@ -270,7 +270,6 @@ def fuse_attention_epilogues(model) -> int:
             follower = only_reader(last.output[0])
         if follower is not None and _batch_norm(model, follower) is not None:
             affine, last = _batch_norm(model, follower), follower
-            parameters.update(follower.input[1:5])
             chain.append(follower)
             follower = only_reader(last.output[0])
         if follower is not None and follower.op_type == 'Relu':
@@ -312,10 +311,11 @@ def fuse_attention_epilogues(model) -> int:
                         dim.dim_value = -(-dim.dim_value // stride)
                     else:
                         dim.Clear()
-        # the folded BatchNorms' parameters, unless something else reads them
+        # the folded BatchNorms' parameters (and the Identity nodes that
+        # shared them), unless something else reads them
         _remove_unused(model, ('Identity', 'Constant'))
-        unread = parameters - _read_names(graph)
-        kept_tensors = [t for t in graph.initializer if t.name not in unread]
+        read = _read_names(graph) | {i.name for i in graph.input}
+        kept_tensors = [t for t in graph.initializer if t.name in read]
         del graph.initializer[:]
         graph.initializer.extend(kept_tensors)
     return folded
