@@ -203,17 +203,24 @@ def block_config(head_dim: int, value_dim: int, window=(7, 7), element_size: int
 
 
 @triton.jit
-def _dot(a, b, PRODUCTS: tl.constexpr):
-    """``a @ b`` with a float32 accumulator: half-precision operands as they
-    are, float32 ones as :func:`_dot_f32` makes them. ``PRODUCTS``: 0
-    (exact), 1 (under the interpreter, whose bfloat16 products are wrong:
-    operands upcast) or 2 (float32 operands as one tf32 product)."""
+def _dot(a, b, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + a @ b`` (float32; ``acc`` None: zeros): half-precision
+    operands as they are, float32 ones as :func:`_dot_f32` makes them.
+    ``PRODUCTS``: 0 (exact), 1 (under the interpreter, whose bfloat16
+    products are wrong: operands upcast) or 2 (float32 operands as one tf32
+    product).
+
+    The kernels add every product to its running sum through ``acc`` (the
+    tensor cores add into it), not with ``+``: Triton folds ``x +
+    tl.dot(a, b)`` into the accumulator only for a lone product, so each
+    sum of split products (high and low parts, the one-hot pairs) cost a
+    float add per element."""
     if PRODUCTS == 1:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     elif a.dtype == tl.float32:
-        return _dot_f32(a, b, PRODUCTS)
+        return _dot_f32(a, b, PRODUCTS, acc)
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -223,31 +230,31 @@ def _tf32_high(a):
 
 
 @triton.jit
-def _dot_f32(a, b, PRODUCTS: tl.constexpr):
-    """``a @ b`` of float32 operands to about float32 accuracy, as three tf32
+def _dot_f32(a, b, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + a @ b`` of float32 operands to about float32 accuracy, as three tf32
     products of their high and low parts (what ``tf32x3`` does, in fewer
     registers than Triton's lowering of it); one tf32 product (10-bit
     mantissas) with ``PRODUCTS == 2``."""
     if PRODUCTS == 2:
-        return tl.dot(a, b, input_precision='tf32')
+        return tl.dot(a, b, acc, input_precision='tf32')
     a_high = _tf32_high(a)
     b_high = _tf32_high(b)
-    return (tl.dot(a_high, b_high, input_precision='tf32')
-            + tl.dot(a_high, b - b_high, input_precision='tf32')
-            + tl.dot(a - a_high, b_high, input_precision='tf32'))
+    acc = tl.dot(a_high, b_high, acc, input_precision='tf32')
+    acc = tl.dot(a_high, b - b_high, acc, input_precision='tf32')
+    return tl.dot(a - a_high, b_high, acc, input_precision='tf32')
 
 
 @triton.jit
-def _dot_one_hot(a, one_hot, PRODUCTS: tl.constexpr):
-    """``a @ one_hot`` for float32 ``a`` and a 0/1 matrix, to about 2^-21 of
+def _dot_one_hot(a, one_hot, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + a @ one_hot`` for float32 ``a`` and a 0/1 matrix, to about 2^-21 of
     ``a``: two tf32 products, of ``a`` cut to tf32 (exact) and of the rest
     (cheaper in registers and instructions than ``tf32x3``, which also
     splits the exact one-hot operand)."""
     if PRODUCTS == 2:
-        return tl.dot(a, one_hot, input_precision='tf32')
+        return tl.dot(a, one_hot, acc, input_precision='tf32')
     high = _tf32_high(a)
-    return (tl.dot(high, one_hot, input_precision='tf32')
-            + tl.dot(a - high, one_hot, input_precision='tf32'))
+    acc = tl.dot(high, one_hot, acc, input_precision='tf32')
+    return tl.dot(a - high, one_hot, acc, input_precision='tf32')
 
 
 @triton.jit
@@ -377,27 +384,30 @@ def _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D: tl.constexpr, BLOCK_T: tl.cons
 
 
 @triton.jit
-def _dot_exact_by_f32(x, b, PRODUCTS: tl.constexpr):
-    """``x @ b`` for ``x`` exact in its dtype and float32 ``b``: float32
-    ``x`` by :func:`_dot_f32`, half-precision ``x`` by two half-precision
-    products, with the high and low parts of ``b`` (16 or more bits)."""
+def _dot_exact_by_f32(x, b, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + x @ b`` for ``x`` exact in its dtype and float32 ``b``:
+    float32 ``x`` by :func:`_dot_f32`, half-precision ``x`` by two
+    half-precision products, with the high and low parts of ``b`` (16 or
+    more bits)."""
     if x.dtype == tl.float32:
-        return _dot_f32(x, b, PRODUCTS)
+        return _dot_f32(x, b, PRODUCTS, acc)
     else:
         high = b.to(x.dtype)
-        return _dot(x, high, PRODUCTS) + _dot(x, (b - high.to(tl.float32)).to(x.dtype), PRODUCTS)
+        acc = _dot(x, high, PRODUCTS, acc)
+        return _dot(x, (b - high.to(tl.float32)).to(x.dtype), PRODUCTS, acc)
 
 
 @triton.jit
-def _dot_f32_by_bf16(a, b, PRODUCTS: tl.constexpr):
-    """``a @ b`` of float32 operands to about 2^-16, as three bfloat16
+def _dot_f32_by_bf16(a, b, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + a @ b`` of float32 operands to about 2^-16, as three bfloat16
     products of their high and low parts (bfloat16: float32's range)."""
     a_high = a.to(tl.bfloat16)
     b_high = b.to(tl.bfloat16)
     a_low = (a - a_high.to(tl.float32)).to(tl.bfloat16)
     b_low = (b - b_high.to(tl.float32)).to(tl.bfloat16)
-    return _dot(a_high, b_high, PRODUCTS) + _dot(a_high, b_low, PRODUCTS) + _dot(a_low, b_high,
-                                                                               PRODUCTS)
+    acc = _dot(a_high, b_high, PRODUCTS, acc)
+    acc = _dot(a_high, b_low, PRODUCTS, acc)
+    return _dot(a_low, b_high, PRODUCTS, acc)
 
 
 @triton.jit
@@ -456,9 +466,9 @@ def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexp
     minus any finite maximum underflows)."""
     LINES: tl.constexpr = rows.shape[1]
     s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False), PRODUCTS)
-    s += _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS)
+    s = _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS, s)
     if HAS_KEY:
-        s += _dot(q, kT, PRODUCTS)
+        s = _dot(q, kT, PRODUCTS, s)
     return s
 
 
@@ -564,7 +574,7 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
         scale = tl.exp2((m - m_new) * LOG2E)
         p = tl.exp2(s * LOG2E - (m_new * LOG2E)[:, None])  # one FFMA a logit
         denom = denom * scale + tl.sum(p, axis=1)
-        acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, PRODUCTS)
+        acc = _dot(p.to(v.dtype), v, PRODUCTS, acc * scale[:, None])
         m = m_new
     denom = tl.where(denom > 0, denom, 1.0)  # only pixels outside the image have 0
     _store(OUT + b * sob + n * son, acc / denom[:, None], y, x, q_ok, dv, DV, soc, soh, sow, EVEN,
@@ -648,7 +658,7 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
             p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS)
+            dq = _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS, dq)
     _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh, sow, EVEN, CHANNELS_LAST)
 
 
@@ -729,10 +739,10 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
             p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
-            grad_rows += _dot_one_hot(
-                ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True), PRODUCTS)
-            grad_cols += _dot_one_hot(
-                ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False, True), PRODUCTS)
+            grad_rows = _dot_one_hot(
+                ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True), PRODUCTS, grad_rows)
+            grad_cols = _dot_one_hot(
+                ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False, True), PRODUCTS, grad_cols)
         grad_a = _per_tap(grad_rows, qy, top, KH, BLOCK_T)
         grad_b = _per_tap(grad_cols, qx, left, KW, BLOCK_T)
         # dq and the partial sums a slice of channels at a time (q's slice
@@ -743,21 +753,21 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
             dq_ok = _tile_mask(q_ok, dc, D, EVEN, CHANNELS_LAST, False)
             row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_DQ, BLOCK_T,
                                            True, d0)
+            dq = tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
             if DQ.dtype.element_ty == tl.float32:
-                dq = (_dot_f32(grad_a, row_table, PRODUCTS)
-                      + _dot_f32(grad_b, col_table, PRODUCTS))
+                dq = _dot_f32(grad_a, row_table, PRODUCTS, dq)
+                dq = _dot_f32(grad_b, col_table, PRODUCTS, dq)
             else:  # rounded to q's dtype when stored
-                dq = (_dot_f32_by_bf16(grad_a, row_table, PRODUCTS)
-                      + _dot_f32_by_bf16(grad_b, col_table, PRODUCTS))
-            dq += tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
+                dq = _dot_f32_by_bf16(grad_a, row_table, PRODUCTS, dq)
+                dq = _dot_f32_by_bf16(grad_b, col_table, PRODUCTS, dq)
             tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_ok)
             q_slice = _load(Q + b * sqb + n * sqn, y, x, q_ok, dc, D, sqc, sqh, sqw, True, True,
                             EVEN, CHANNELS_LAST)
             slice_sums = partial + d0 * 2 * BLOCK_T
-            tl.store(slice_sums, tl.load(slice_sums)
-                     + _dot_exact_by_f32(q_slice, grad_a, PRODUCTS))
-            tl.store(slice_sums + BLOCK_T, tl.load(slice_sums + BLOCK_T)
-                     + _dot_exact_by_f32(q_slice, grad_b, PRODUCTS))
+            tl.store(slice_sums, _dot_exact_by_f32(q_slice, grad_a, PRODUCTS,
+                                                   tl.load(slice_sums)))
+            tl.store(slice_sums + BLOCK_T, _dot_exact_by_f32(q_slice, grad_b, PRODUCTS,
+                                                             tl.load(slice_sums + BLOCK_T)))
 
 
 @_jit
@@ -823,11 +833,11 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
         cols = _shifted(b_col, sx0, qx, q_ok, rx, W, DW, TILE_W, KW, 16, HAS_REL, BLOCK_T)
         s = _logits(q, kT, rows, cols, 0, 0, TILE_H, TILE_W, HAS_KEY, PRODUCTS)
         p = tl.exp2(s * LOG2E - lse[:, None])  # (queries, keys)
-        dval += _dot(tl.trans(p.to(dout.dtype)), dout, PRODUCTS)
+        dval = _dot(tl.trans(p.to(dout.dtype)), dout, PRODUCTS, dval)
         if HAS_KEY:
             delta = tl.load(DELTA + pixel)
             ds = p * (_dot(dout, vT, PRODUCTS) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRODUCTS)
+            dk = _dot(tl.trans(ds.to(q.dtype)), q, PRODUCTS, dk)
     _store(DV_ + b * swb + n * swn, dval, key_y, key_x, k_ok, dv, DV, swc, swh, sww, EVEN,
            CHANNELS_LAST)
     if HAS_KEY:
