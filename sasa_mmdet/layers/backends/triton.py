@@ -465,11 +465,11 @@ def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexp
     logit below -1e30: its weight is exactly 0 (``exp2`` of it, scaled,
     minus any finite maximum underflows)."""
     LINES: tl.constexpr = rows.shape[1]
-    s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False), PRODUCTS)
-    s = _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS, s)
-    if HAS_KEY:
-        s = _dot(q, kT, PRODUCTS, s)
-    return s
+    s = None
+    if HAS_KEY:  # first: the one-hot products add to it (in this order, no spills)
+        s = _dot(q, kT, PRODUCTS)
+    s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False), PRODUCTS, s)
+    return _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS, s)
 
 
 @triton.jit
