@@ -589,9 +589,12 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
 @triton.jit
 def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.constexpr,
                     PRODUCTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``."""
+    """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``
+    (``dP`` first: in the other order the query kernel spilled registers on
+    sm_80 at head width 8)."""
+    dp = _dot(dout, vT, PRODUCTS)
     s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
-    return tl.exp2(s * LOG2E - lse[:, None]), _dot(dout, vT, PRODUCTS)
+    return tl.exp2(s * LOG2E - lse[:, None]), dp
 
 
 @_jit
