@@ -210,11 +210,10 @@ def _dot(a, b, PRODUCTS: tl.constexpr, acc=None):
     products are wrong: operands upcast) or 2 (float32 operands as one tf32
     product).
 
-    The kernels add every product to its running sum through ``acc`` (the
-    tensor cores add into it), not with ``+``: Triton folds ``x +
-    tl.dot(a, b)`` into the accumulator only for a lone product, so each
-    sum of split products (high and low parts, the one-hot pairs) cost a
-    float add per element."""
+    Sums of several products (high and low parts, the one-hot pairs) add
+    through ``acc`` (the tensor cores add into it), not with ``+``: Triton
+    folds ``x + tl.dot(a, b)`` into the accumulator only for a lone
+    product, so each such ``+`` costs a float add per element."""
     if PRODUCTS == 1:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     elif a.dtype == tl.float32:
@@ -456,20 +455,27 @@ def _shifted(terms, first, q_first, q_ok, r, extent, dilation, lines, TAPS,
 
 @triton.jit
 def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr,
-            HAS_KEY: tl.constexpr, PRODUCTS: tl.constexpr):
+            HAS_KEY: tl.constexpr, PRODUCTS: tl.constexpr, ACCUMULATE: tl.constexpr = True):
     """Logits ``(queries, ROWS * COLS keys)`` of a key block
     whose rows (columns) are lines ``row0..`` (``col0..``) of ``rows``
     (``cols``), the queries' q.r terms and mask per line
     (:func:`_shifted`): ``q.k`` is one product, the q.r terms and the mask
     two more with one-hot matrices (float32 accuracy). A masked key gets a
     logit below -1e30: its weight is exactly 0 (``exp2`` of it, scaled,
-    minus any finite maximum underflows)."""
+    minus any finite maximum underflows). ``ACCUMULATE``: the one-hot
+    products add into one accumulator (see :func:`_dot`); the backward's
+    query and tables kernels (:func:`_halo_gradients`) sum them with ``+``
+    (accumulated, the query kernel spilled registers on sm_80 at head
+    widths 8 and 16, and in tf32 at 128)."""
     LINES: tl.constexpr = rows.shape[1]
-    s = None
-    if HAS_KEY:  # first: the one-hot products add to it (in this order, no spills)
-        s = _dot(q, kT, PRODUCTS)
-    s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False), PRODUCTS, s)
-    return _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS, s)
+    s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False), PRODUCTS)
+    if ACCUMULATE:
+        s = _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS, s)
+    else:
+        s += _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS)
+    if HAS_KEY:
+        s += _dot(q, kT, PRODUCTS)
+    return s
 
 
 @triton.jit
@@ -574,7 +580,7 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
         scale = tl.exp2((m - m_new) * LOG2E)
         p = tl.exp2(s * LOG2E - (m_new * LOG2E)[:, None])  # one FFMA a logit
         denom = denom * scale + tl.sum(p, axis=1)
-        acc = _dot(p.to(v.dtype), v, PRODUCTS, acc * scale[:, None])
+        acc = acc * scale[:, None] + _dot(p.to(v.dtype), v, PRODUCTS)
         m = m_new
     denom = tl.where(denom > 0, denom, 1.0)  # only pixels outside the image have 0
     _store(OUT + b * sob + n * son, acc / denom[:, None], y, x, q_ok, dv, DV, soc, soh, sow, EVEN,
@@ -589,12 +595,9 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
 @triton.jit
 def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.constexpr,
                     PRODUCTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``
-    (``dP`` first: in the other order the query kernel spilled registers on
-    sm_80 at head width 8)."""
-    dp = _dot(dout, vT, PRODUCTS)
-    s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
-    return tl.exp2(s * LOG2E - lse[:, None]), dp
+    """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``."""
+    s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS, False)
+    return tl.exp2(s * LOG2E - lse[:, None]), _dot(dout, vT, PRODUCTS)
 
 
 @_jit
@@ -661,7 +664,7 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
             p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
-            dq = _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS, dq)
+            dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS)
     _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh, sow, EVEN, CHANNELS_LAST)
 
 
@@ -836,11 +839,11 @@ def _backward_key_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DK, DV_,
         cols = _shifted(b_col, sx0, qx, q_ok, rx, W, DW, TILE_W, KW, 16, HAS_REL, BLOCK_T)
         s = _logits(q, kT, rows, cols, 0, 0, TILE_H, TILE_W, HAS_KEY, PRODUCTS)
         p = tl.exp2(s * LOG2E - lse[:, None])  # (queries, keys)
-        dval = _dot(tl.trans(p.to(dout.dtype)), dout, PRODUCTS, dval)
+        dval += _dot(tl.trans(p.to(dout.dtype)), dout, PRODUCTS)
         if HAS_KEY:
             delta = tl.load(DELTA + pixel)
             ds = p * (_dot(dout, vT, PRODUCTS) - delta[:, None])
-            dk = _dot(tl.trans(ds.to(q.dtype)), q, PRODUCTS, dk)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRODUCTS)
     _store(DV_ + b * swb + n * swn, dval, key_y, key_x, k_ok, dv, DV, swc, swh, sww, EVEN,
            CHANNELS_LAST)
     if HAS_KEY:
