@@ -230,10 +230,10 @@ def _tf32_high(a):
 
 @triton.jit
 def _dot_f32(a, b, PRODUCTS: tl.constexpr, acc=None):
-    """``acc + a @ b`` of float32 operands to about float32 accuracy, as three tf32
-    products of their high and low parts (what ``tf32x3`` does, in fewer
-    registers than Triton's lowering of it); one tf32 product (10-bit
-    mantissas) with ``PRODUCTS == 2``."""
+    """``acc + a @ b`` of float32 operands to about float32 accuracy, as
+    three tf32 products of their high and low parts (what ``tf32x3`` does,
+    in fewer registers than Triton's lowering of it); one tf32 product
+    (10-bit mantissas) with ``PRODUCTS == 2``."""
     if PRODUCTS == 2:
         return tl.dot(a, b, acc, input_precision='tf32')
     a_high = _tf32_high(a)
@@ -245,10 +245,10 @@ def _dot_f32(a, b, PRODUCTS: tl.constexpr, acc=None):
 
 @triton.jit
 def _dot_one_hot(a, one_hot, PRODUCTS: tl.constexpr, acc=None):
-    """``acc + a @ one_hot`` for float32 ``a`` and a 0/1 matrix, to about 2^-21 of
-    ``a``: two tf32 products, of ``a`` cut to tf32 (exact) and of the rest
-    (cheaper in registers and instructions than ``tf32x3``, which also
-    splits the exact one-hot operand)."""
+    """``acc + a @ one_hot`` for float32 ``a`` and a 0/1 matrix, to about
+    2^-21 of ``a``: two tf32 products, of ``a`` cut to tf32 (exact) and of
+    the rest (cheaper in registers and instructions than ``tf32x3``, which
+    also splits the exact one-hot operand)."""
     if PRODUCTS == 2:
         return tl.dot(a, one_hot, acc, input_precision='tf32')
     high = _tf32_high(a)
