@@ -203,17 +203,23 @@ def block_config(head_dim: int, value_dim: int, window=(7, 7), element_size: int
 
 
 @triton.jit
-def _dot(a, b, PRODUCTS: tl.constexpr):
-    """``a @ b`` with a float32 accumulator: half-precision operands as they
-    are, float32 ones as :func:`_dot_f32` makes them. ``PRODUCTS``: 0
-    (exact), 1 (under the interpreter, whose bfloat16 products are wrong:
-    operands upcast) or 2 (float32 operands as one tf32 product)."""
+def _dot(a, b, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + a @ b`` (float32; ``acc`` None: zeros): half-precision
+    operands as they are, float32 ones as :func:`_dot_f32` makes them.
+    ``PRODUCTS``: 0 (exact), 1 (under the interpreter, whose bfloat16
+    products are wrong: operands upcast) or 2 (float32 operands as one tf32
+    product).
+
+    Sums of several products (high and low parts, the one-hot pairs) add
+    through ``acc`` (the tensor cores add into it), not with ``+``: Triton
+    folds ``x + tl.dot(a, b)`` into the accumulator only for a lone
+    product, so each such ``+`` costs a float add per element."""
     if PRODUCTS == 1:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     elif a.dtype == tl.float32:
-        return _dot_f32(a, b, PRODUCTS)
+        return _dot_f32(a, b, PRODUCTS, acc)
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -223,31 +229,31 @@ def _tf32_high(a):
 
 
 @triton.jit
-def _dot_f32(a, b, PRODUCTS: tl.constexpr):
-    """``a @ b`` of float32 operands to about float32 accuracy, as three tf32
-    products of their high and low parts (what ``tf32x3`` does, in fewer
-    registers than Triton's lowering of it); one tf32 product (10-bit
-    mantissas) with ``PRODUCTS == 2``."""
+def _dot_f32(a, b, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + a @ b`` of float32 operands to about float32 accuracy, as
+    three tf32 products of their high and low parts (what ``tf32x3`` does,
+    in fewer registers than Triton's lowering of it); one tf32 product
+    (10-bit mantissas) with ``PRODUCTS == 2``."""
     if PRODUCTS == 2:
-        return tl.dot(a, b, input_precision='tf32')
+        return tl.dot(a, b, acc, input_precision='tf32')
     a_high = _tf32_high(a)
     b_high = _tf32_high(b)
-    return (tl.dot(a_high, b_high, input_precision='tf32')
-            + tl.dot(a_high, b - b_high, input_precision='tf32')
-            + tl.dot(a - a_high, b_high, input_precision='tf32'))
+    acc = tl.dot(a_high, b_high, acc, input_precision='tf32')
+    acc = tl.dot(a_high, b - b_high, acc, input_precision='tf32')
+    return tl.dot(a - a_high, b_high, acc, input_precision='tf32')
 
 
 @triton.jit
-def _dot_one_hot(a, one_hot, PRODUCTS: tl.constexpr):
-    """``a @ one_hot`` for float32 ``a`` and a 0/1 matrix, to about 2^-21 of
-    ``a``: two tf32 products, of ``a`` cut to tf32 (exact) and of the rest
-    (cheaper in registers and instructions than ``tf32x3``, which also
-    splits the exact one-hot operand)."""
+def _dot_one_hot(a, one_hot, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + a @ one_hot`` for float32 ``a`` and a 0/1 matrix, to about
+    2^-21 of ``a``: two tf32 products, of ``a`` cut to tf32 (exact) and of
+    the rest (cheaper in registers and instructions than ``tf32x3``, which
+    also splits the exact one-hot operand)."""
     if PRODUCTS == 2:
-        return tl.dot(a, one_hot, input_precision='tf32')
+        return tl.dot(a, one_hot, acc, input_precision='tf32')
     high = _tf32_high(a)
-    return (tl.dot(high, one_hot, input_precision='tf32')
-            + tl.dot(a - high, one_hot, input_precision='tf32'))
+    acc = tl.dot(high, one_hot, acc, input_precision='tf32')
+    return tl.dot(a - high, one_hot, acc, input_precision='tf32')
 
 
 @triton.jit
@@ -377,27 +383,30 @@ def _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D: tl.constexpr, BLOCK_T: tl.cons
 
 
 @triton.jit
-def _dot_exact_by_f32(x, b, PRODUCTS: tl.constexpr):
-    """``x @ b`` for ``x`` exact in its dtype and float32 ``b``: float32
-    ``x`` by :func:`_dot_f32`, half-precision ``x`` by two half-precision
-    products, with the high and low parts of ``b`` (16 or more bits)."""
+def _dot_exact_by_f32(x, b, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + x @ b`` for ``x`` exact in its dtype and float32 ``b``:
+    float32 ``x`` by :func:`_dot_f32`, half-precision ``x`` by two
+    half-precision products, with the high and low parts of ``b`` (16 or
+    more bits)."""
     if x.dtype == tl.float32:
-        return _dot_f32(x, b, PRODUCTS)
+        return _dot_f32(x, b, PRODUCTS, acc)
     else:
         high = b.to(x.dtype)
-        return _dot(x, high, PRODUCTS) + _dot(x, (b - high.to(tl.float32)).to(x.dtype), PRODUCTS)
+        acc = _dot(x, high, PRODUCTS, acc)
+        return _dot(x, (b - high.to(tl.float32)).to(x.dtype), PRODUCTS, acc)
 
 
 @triton.jit
-def _dot_f32_by_bf16(a, b, PRODUCTS: tl.constexpr):
-    """``a @ b`` of float32 operands to about 2^-16, as three bfloat16
+def _dot_f32_by_bf16(a, b, PRODUCTS: tl.constexpr, acc=None):
+    """``acc + a @ b`` of float32 operands to about 2^-16, as three bfloat16
     products of their high and low parts (bfloat16: float32's range)."""
     a_high = a.to(tl.bfloat16)
     b_high = b.to(tl.bfloat16)
     a_low = (a - a_high.to(tl.float32)).to(tl.bfloat16)
     b_low = (b - b_high.to(tl.float32)).to(tl.bfloat16)
-    return _dot(a_high, b_high, PRODUCTS) + _dot(a_high, b_low, PRODUCTS) + _dot(a_low, b_high,
-                                                                               PRODUCTS)
+    acc = _dot(a_high, b_high, PRODUCTS, acc)
+    acc = _dot(a_high, b_low, PRODUCTS, acc)
+    return _dot(a_low, b_high, PRODUCTS, acc)
 
 
 @triton.jit
@@ -446,17 +455,24 @@ def _shifted(terms, first, q_first, q_ok, r, extent, dilation, lines, TAPS,
 
 @triton.jit
 def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr,
-            HAS_KEY: tl.constexpr, PRODUCTS: tl.constexpr):
+            HAS_KEY: tl.constexpr, PRODUCTS: tl.constexpr, ACCUMULATE: tl.constexpr = True):
     """Logits ``(queries, ROWS * COLS keys)`` of a key block
     whose rows (columns) are lines ``row0..`` (``col0..``) of ``rows``
     (``cols``), the queries' q.r terms and mask per line
     (:func:`_shifted`): ``q.k`` is one product, the q.r terms and the mask
     two more with one-hot matrices (float32 accuracy). A masked key gets a
     logit below -1e30: its weight is exactly 0 (``exp2`` of it, scaled,
-    minus any finite maximum underflows)."""
+    minus any finite maximum underflows). ``ACCUMULATE``: the one-hot
+    products add into one accumulator (see :func:`_dot`); the backward's
+    query and tables kernels (:func:`_halo_gradients`) sum them with ``+``
+    (accumulated, the query kernel spilled registers on sm_80 at head
+    widths 8 and 16, and in tf32 at 128)."""
     LINES: tl.constexpr = rows.shape[1]
     s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False), PRODUCTS)
-    s += _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS)
+    if ACCUMULATE:
+        s = _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS, s)
+    else:
+        s += _dot_one_hot(cols, _one_hot(col0, LINES, ROWS, COLS, False, False), PRODUCTS)
     if HAS_KEY:
         s += _dot(q, kT, PRODUCTS)
     return s
@@ -580,7 +596,7 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
 def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.constexpr,
                     PRODUCTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``."""
-    s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
+    s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS, False)
     return tl.exp2(s * LOG2E - lse[:, None]), _dot(dout, vT, PRODUCTS)
 
 
@@ -729,10 +745,10 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
             p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
-            grad_rows += _dot_one_hot(
-                ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True), PRODUCTS)
-            grad_cols += _dot_one_hot(
-                ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False, True), PRODUCTS)
+            grad_rows = _dot_one_hot(
+                ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True), PRODUCTS, grad_rows)
+            grad_cols = _dot_one_hot(
+                ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False, True), PRODUCTS, grad_cols)
         grad_a = _per_tap(grad_rows, qy, top, KH, BLOCK_T)
         grad_b = _per_tap(grad_cols, qx, left, KW, BLOCK_T)
         # dq and the partial sums a slice of channels at a time (q's slice
@@ -743,21 +759,21 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
             dq_ok = _tile_mask(q_ok, dc, D, EVEN, CHANNELS_LAST, False)
             row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_DQ, BLOCK_T,
                                            True, d0)
+            dq = tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
             if DQ.dtype.element_ty == tl.float32:
-                dq = (_dot_f32(grad_a, row_table, PRODUCTS)
-                      + _dot_f32(grad_b, col_table, PRODUCTS))
+                dq = _dot_f32(grad_a, row_table, PRODUCTS, dq)
+                dq = _dot_f32(grad_b, col_table, PRODUCTS, dq)
             else:  # rounded to q's dtype when stored
-                dq = (_dot_f32_by_bf16(grad_a, row_table, PRODUCTS)
-                      + _dot_f32_by_bf16(grad_b, col_table, PRODUCTS))
-            dq += tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
+                dq = _dot_f32_by_bf16(grad_a, row_table, PRODUCTS, dq)
+                dq = _dot_f32_by_bf16(grad_b, col_table, PRODUCTS, dq)
             tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_ok)
             q_slice = _load(Q + b * sqb + n * sqn, y, x, q_ok, dc, D, sqc, sqh, sqw, True, True,
                             EVEN, CHANNELS_LAST)
             slice_sums = partial + d0 * 2 * BLOCK_T
-            tl.store(slice_sums, tl.load(slice_sums)
-                     + _dot_exact_by_f32(q_slice, grad_a, PRODUCTS))
-            tl.store(slice_sums + BLOCK_T, tl.load(slice_sums + BLOCK_T)
-                     + _dot_exact_by_f32(q_slice, grad_b, PRODUCTS))
+            tl.store(slice_sums, _dot_exact_by_f32(q_slice, grad_a, PRODUCTS,
+                                                   tl.load(slice_sums)))
+            tl.store(slice_sums + BLOCK_T, _dot_exact_by_f32(q_slice, grad_b, PRODUCTS,
+                                                             tl.load(slice_sums + BLOCK_T)))
 
 
 @_jit
