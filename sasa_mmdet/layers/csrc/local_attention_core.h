@@ -205,6 +205,24 @@ inline void for_chunks(int64_t n, Fn&& fn) {
   }
 }
 
+// out[t] = sum_{d < dim} x[d * step] * table[t * stride + d] for t < count
+// (vectors of L pixels, channel d at x + d * step): the q.r terms of every
+// tap row (or column). One pass over the channels.
+template <typename scalar_t>
+inline void rel_dots(const scalar_t* x, int64_t step, const scalar_t* table, int64_t stride,
+                     int64_t dim, int64_t count, Vec<scalar_t>* out) {
+  for_chunks(count, [&](int64_t t0, auto width) {
+    constexpr int kT = decltype(width)::value;
+    Vec<scalar_t> a[kT];
+    for (int t = 0; t < kT; ++t) a[t] = Vec<scalar_t>{};
+    for (int64_t d = 0; d < dim; ++d) {
+      const Vec<scalar_t> xd = load(x + d * step);
+      for (int t = 0; t < kT; ++t) a[t] += xd * table[(t0 + t) * stride + d];
+    }
+    for (int t = 0; t < kT; ++t) out[t0 + t] = a[t];
+  });
+}
+
 // The kT taps of one tap row: acc[t] += sum_{d < dim} x[d * ld] * p[d * ld + t * step]
 // (vectors of L pixels), with x a query (or grad_out) row and p the key (or
 // value) row of the first tap, channel 0. One pass over the channels.
@@ -414,8 +432,10 @@ struct Worker {
     // taps outside the image (they do not exist: weight exactly 0). Lanes
     // past the row's end are no pixels: they keep every tap (finite, unused).
     if (in.rel_row) {
-      rel_dots(query(0) + j0, in.rel_row + n * g.Dr, g.N * g.Dr, g.Dr, g.kh, rl.data());
-      rel_dots(query(g.Dr) + j0, in.rel_col + n * g.Dc, g.N * g.Dc, g.Dc, g.kw, cl.data());
+      rel_dots(query(0) + j0, g.Wpad, in.rel_row + n * g.Dr, g.N * g.Dr, g.Dr, g.kh,
+               rl.data());
+      rel_dots(query(g.Dr) + j0, g.Wpad, in.rel_col + n * g.Dc, g.N * g.Dc, g.Dc, g.kw,
+               cl.data());
     } else {
       std::fill(cl.begin(), cl.end(), V{});  // rl stays zero
     }
@@ -448,23 +468,6 @@ struct Worker {
     return top;
   }
 
-  // out[t] = sum_{d < dim} x[d * Wpad] * table[t * stride + d] for t < count
-  // (vectors of L pixels): the q.r terms of every tap row (or column). One
-  // pass over the channels.
-  void rel_dots(const scalar_t* x, const scalar_t* table, int64_t stride, int64_t dim,
-                int64_t count, V* out) const {
-    for_chunks(count, [&](int64_t t0, auto width) {
-      constexpr int kT = decltype(width)::value;
-      V a[kT];
-      for (int t = 0; t < kT; ++t) a[t] = V{};
-      for (int64_t d = 0; d < dim; ++d) {
-        const V xd = load(x + d * g.Wpad);
-        for (int t = 0; t < kT; ++t) a[t] += xd * table[(t0 + t) * stride + d];
-      }
-      for (int t = 0; t < kT; ++t) out[t0 + t] = a[t];
-    });
-  }
-
   // acc[c] += sum_u w[u] * (key or value channel d0 + c of tap u).
   template <int kW>
   void weighted_sum(const V* w, bool of_keys, int64_t d0, int64_t j0, V* acc) const {
@@ -495,14 +498,6 @@ void parallel_bands(const Geometry& g, int64_t work, Fn&& fn) {
   });
 }
 
-// Inference on small maps (no map stored): blocks of L consecutive pixels of
-// the whole H x W plane, across row ends, so that no lane idles past a row's
-// end (a 10-pixel row fills 10 of 16 lanes in the row-by-row kernel). In a
-// plane, tap (ty, tx) of pixel p is pixel p + oy * W + ox; each head's q, k
-// and v planes are copied once into zero-padded planes, and taps whose row or
-// column is outside the image get -inf in their row or column term (weight
-// exactly 0, as in the row-by-row kernel). Same sums in the same order as
-// there: the outputs agree to rounding (taps outside add exact zeros).
 // What the forward does to each output value as it stores it: x * scale[c]
 // + shift[c] (c = n * Dv + d, the output channel), then max(x, 0) (a NaN
 // stays NaN): the inference BatchNorm and ReLU after a layer, which the
@@ -520,6 +515,41 @@ struct OutputTransform {
   }
 };
 
+// Inference at head widths up to 8: one pass over the taps takes each
+// weight exp(S[u] - top) and adds it in (the same sums, in the same order,
+// as the softmax and weighted_sum), then stores finish(out / total) to the
+// first `lanes` lanes of dst(c) for each channel c. Tap row r's values start
+// at value_row(r), channel c `step` further on per c.
+template <typename scalar_t, typename ValueRow, typename Dst>
+inline void weigh_and_sum(const Geometry& g, const Vec<scalar_t>* S, Vec<scalar_t> top,
+                          int64_t rows, ValueRow&& value_row, int64_t step, Dst&& dst,
+                          int64_t lanes, int64_t n, const OutputTransform<scalar_t>& finish) {
+  using V = Vec<scalar_t>;
+  for_chunks(g.Dv, [&](int64_t, auto width) {
+    constexpr int kW = decltype(width)::value;
+    V acc[kW], total{};
+    for (int c = 0; c < kW; ++c) acc[c] = V{};
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* p = value_row(r);
+      for (int64_t x = 0; x < g.kw; ++x) {
+        const V e = Simd<scalar_t>::exp_minus(S[r * g.kw + x], top);
+        total += e;
+        for (int c = 0; c < kW; ++c) acc[c] += e * load(p + x * g.dw + c * step);
+      }
+    }
+    const V inv = scalar_t(1) / total;
+    for (int c = 0; c < kW; ++c) store_lanes(dst(c), finish(acc[c] * inv, n * g.Dv + c), lanes);
+  });
+}
+
+// Inference on small maps (no map stored): blocks of L consecutive pixels of
+// the whole H x W plane, across row ends, so that no lane idles past a row's
+// end (a 10-pixel row fills 10 of 16 lanes in the row-by-row kernel). In a
+// plane, tap (ty, tx) of pixel p is pixel p + oy * W + ox; each head's q, k
+// and v planes are copied once into zero-padded planes, and taps whose row or
+// column is outside the image get -inf in their row or column term (weight
+// exactly 0, as in the row-by-row kernel). Same sums in the same order as
+// there: the outputs agree to rounding (taps outside add exact zeros).
 template <typename scalar_t>
 bool flat_worthwhile(const Geometry& g, const Planar<scalar_t>& out) {
   constexpr int64_t kMaxPlane = 4096;  // pixels: the head's planes stay in cache
@@ -600,26 +630,9 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
           }
           const I beyond = lane + Int(p0) >= Int(HW);
           if (in.rel_row) {
-            for_chunks(g.kh, [&](int64_t t0, auto width) {
-              constexpr int kT = decltype(width)::value;
-              V a[kT];
-              for (int t = 0; t < kT; ++t) a[t] = V{};
-              for (int64_t d = 0; d < g.Dr; ++d) {
-                const V qd = load(q0 + d * stride + p0);
-                for (int t = 0; t < kT; ++t) a[t] += qd * in.rel_row[((t0 + t) * g.N + n) * g.Dr + d];
-              }
-              for (int t = 0; t < kT; ++t) rl[t0 + t] = a[t];
-            });
-            for_chunks(g.kw, [&](int64_t t0, auto width) {
-              constexpr int kT = decltype(width)::value;
-              V a[kT];
-              for (int t = 0; t < kT; ++t) a[t] = V{};
-              for (int64_t d = 0; d < g.Dc; ++d) {
-                const V qd = load(q0 + (g.Dr + d) * stride + p0);
-                for (int t = 0; t < kT; ++t) a[t] += qd * in.rel_col[((t0 + t) * g.N + n) * g.Dc + d];
-              }
-              for (int t = 0; t < kT; ++t) cl[t0 + t] = a[t];
-            });
+            rel_dots(q0 + p0, stride, in.rel_row + n * g.Dr, g.N * g.Dr, g.Dr, g.kh, rl.data());
+            rel_dots(q0 + g.Dr * stride + p0, stride, in.rel_col + n * g.Dc, g.N * g.Dc, g.Dc,
+                     g.kw, cl.data());
           } else {
             std::fill(rl.begin(), rl.end(), V{});
             std::fill(cl.begin(), cl.end(), V{});
@@ -648,24 +661,11 @@ void forward_flat(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar_t
               }
             });
           }
-          if (g.Dv <= 8) {  // one pass takes each weight and adds it in, as above
-            for_chunks(g.Dv, [&](int64_t, auto width) {
-              constexpr int kW = decltype(width)::value;
-              V acc[kW], total{};
-              for (int c = 0; c < kW; ++c) acc[c] = V{};
-              for (int64_t y = 0; y < g.kh; ++y) {
-                const scalar_t* p = vf + before + p0 + tap_offset[y * g.kw];
-                for (int64_t x = 0; x < g.kw; ++x) {
-                  const V e = Simd<scalar_t>::exp_minus(S[y * g.kw + x], top);
-                  total += e;
-                  for (int c = 0; c < kW; ++c) acc[c] += e * load(p + x * g.dw + c * stride);
-                }
-              }
-              const V inv = scalar_t(1) / total;
-              for (int c = 0; c < kW; ++c)
-                store_lanes(out.row(b, n, c, 0) + p0, finish(acc[c] * inv, n * g.Dv + c),
-                            HW - p0);
-            });
+          if (g.Dv <= 8) {
+            weigh_and_sum(
+                g, S.data(), top, g.kh,
+                [&](int64_t y) { return vf + before + p0 + tap_offset[y * g.kw]; }, stride,
+                [&](int64_t c) { return out.row(b, n, c, 0) + p0; }, HW - p0, n, finish);
             continue;
           }
           V total{};
@@ -708,26 +708,11 @@ void forward_kernel(const Geometry& g, const Inputs<scalar_t>& in, Planar<scalar
         for (int64_t j0 = 0; j0 < g.W; j0 += L) {
           if (row + 1 < r1) w.prefetch(b, i, j0);
           if (!attn && g.Dv <= 8) {
-            // Head widths up to 8: one pass over the taps takes each weight
-            // and adds it in (the same sums, in the same order).
             const V top = w.logits(j0);
-            for_chunks(g.Dv, [&](int64_t, auto width) {
-              constexpr int kW = decltype(width)::value;
-              V acc[kW], total{};
-              for (int c = 0; c < kW; ++c) acc[c] = V{};
-              for (int64_t r = 0; r < int64_t(w.rows.size()); ++r) {
-                const scalar_t* p = w.value(r, 0, j0);
-                for (int64_t x = 0; x < g.kw; ++x) {
-                  const V e = Simd<scalar_t>::exp_minus(w.S[r * g.kw + x], top);
-                  total += e;
-                  for (int c = 0; c < kW; ++c) acc[c] += e * load(p + x * g.dw + c * g.Wpad);
-                }
-              }
-              const V inv = scalar_t(1) / total;
-              for (int c = 0; c < kW; ++c)
-                store_lanes(out.row(b, n, c, i) + j0, finish(acc[c] * inv, n * g.Dv + c),
-                            g.W - j0);
-            });
+            weigh_and_sum(
+                g, w.S.data(), top, int64_t(w.rows.size()),
+                [&](int64_t r) { return w.value(r, 0, j0); }, g.Wpad,
+                [&](int64_t c) { return out.row(b, n, c, i) + j0; }, g.W - j0, n, finish);
             continue;
           }
           const V inv = w.attention(j0);
