@@ -19,35 +19,44 @@ from typing import Dict, List, Optional
 EMPTY = 'sasa_mmdet_empty'
 
 
-def _int_list(model, name: str) -> Optional[List[int]]:
-    """The int64 values of a constant (initializer or Constant node) named
-    ``name``, or None if it is not a constant."""
+def _attribute(node, name, default=None):
+    from onnx import helper
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _constant(model, name: str):
+    """The value of an initializer or Constant node named ``name``, also
+    through ``Identity`` nodes (the exporter's shared parameters), else
+    None."""
     from onnx import numpy_helper
     for tensor in model.graph.initializer:
         if tensor.name == name:
-            return numpy_helper.to_array(tensor).reshape(-1).tolist()
+            return numpy_helper.to_array(tensor)
     for node in model.graph.node:
-        if node.op_type == 'Constant' and list(node.output) == [name]:
-            for attr in node.attribute:
-                if attr.name == 'value':
-                    return numpy_helper.to_array(attr.t).reshape(-1).tolist()
+        if list(node.output) == [name]:
+            if node.op_type == 'Identity':
+                return _constant(model, node.input[0])
+            if node.op_type == 'Constant':
+                value = _attribute(node, 'value')
+                return None if value is None else numpy_helper.to_array(value)
     return None
+
+
+def _int_list(model, name: str) -> Optional[List[int]]:
+    """The int64 values of a constant named ``name`` (:func:`_constant`),
+    or None if it is not a constant."""
+    value = _constant(model, name)
+    return None if value is None else value.reshape(-1).tolist()
 
 
 def _squeezed_axes(model, node) -> Optional[List[int]]:
     if len(node.input) > 1:
         return _int_list(model, node.input[1])
-    for attr in node.attribute:  # opset < 13
-        if attr.name == 'axes':
-            return list(attr.ints)
-    return None
-
-
-def _split_axis(node) -> int:
-    for attr in node.attribute:
-        if attr.name == 'axis':
-            return attr.i
-    return 0
+    axes = _attribute(node, 'axes')  # opset < 13
+    return None if axes is None else list(axes)
 
 
 def pack_attention_inputs(model) -> int:
@@ -92,7 +101,7 @@ def pack_attention_inputs(model) -> int:
                     _squeezed_axes(model, squeeze) != [1]:
                 break
             source = producer.get(squeeze.input[0])
-            if source is None or source.op_type != 'Split' or _split_axis(source) != 1 or \
+            if source is None or source.op_type != 'Split' or _attribute(source, 'axis', 0) != 1 or \
                     len(source.output) != 3 or source.output[part] != squeeze.input[0] or \
                     (split is not None and source is not split):
                 break
@@ -126,32 +135,6 @@ def _remove_unused(model, op_types) -> None:
 #: The operators of the exporter's shape arithmetic (a flatten's target shape).
 _SHAPE_OPS = ('Shape', 'Slice', 'Gather', 'Concat', 'Unsqueeze', 'Squeeze', 'Cast', 'Mul',
               'Div', 'Add', 'Sub', 'Reshape', 'ConstantOfShape', 'Equal', 'Where')
-
-
-def _attribute(node, name, default=None):
-    from onnx import helper
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def _constant(model, name: str):
-    """The value of an initializer or Constant node named ``name``, also
-    through ``Identity`` nodes (the exporter's shared parameters), else
-    None."""
-    from onnx import numpy_helper
-    for tensor in model.graph.initializer:
-        if tensor.name == name:
-            return numpy_helper.to_array(tensor)
-    for node in model.graph.node:
-        if list(node.output) == [name]:
-            if node.op_type == 'Identity':
-                return _constant(model, node.input[0])
-            if node.op_type == 'Constant':
-                value = _attribute(node, 'value')
-                return None if value is None else numpy_helper.to_array(value)
-    return None
 
 
 def _stride_pool(node) -> Optional[List[int]]:
@@ -263,15 +246,18 @@ def fuse_attention_epilogues(model) -> int:
         last, chain, pool, affine, relu = reshape, [], None, None, False
         follower = only_reader(last.output[0])
         # a pooled output needs the flatten's target size from the output
-        if follower is not None and _stride_pool(follower) and \
-                (shape is None or all(size in (0, -1) for size in shape[2:])):
-            pool, last = _stride_pool(follower), follower
-            chain.append(follower)
-            follower = only_reader(last.output[0])
-        if follower is not None and _batch_norm(model, follower) is not None:
-            affine, last = _batch_norm(model, follower), follower
-            chain.append(follower)
-            follower = only_reader(last.output[0])
+        if follower is not None and (shape is None or all(s in (0, -1) for s in shape[2:])):
+            pool = _stride_pool(follower)
+            if pool is not None:
+                last = follower
+                chain.append(follower)
+                follower = only_reader(last.output[0])
+        if follower is not None:
+            affine = _batch_norm(model, follower)
+            if affine is not None:
+                last = follower
+                chain.append(follower)
+                follower = only_reader(last.output[0])
         if follower is not None and follower.op_type == 'Relu':
             relu, last = True, follower
             chain.append(follower)
