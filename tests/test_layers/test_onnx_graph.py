@@ -277,8 +277,9 @@ def test_packed_fused_node_matches_pytorch(encoding, logits, tmp_path, monkeypat
 
 class _Epilogues(torch.nn.Module):
     """Attention layers followed by what fuse_attention_epilogues folds: a
-    stride, BatchNorm and ReLU; BatchNorm alone; and a BatchNorm whose
-    output is also an output of the model (its ReLU stays a node)."""
+    stride, BatchNorm and ReLU (the pooled path); BatchNorm and ReLU (applied
+    by the kernel as it stores); and a BatchNorm whose output is also an
+    output of the model (folded alone: its ReLU stays a node)."""
 
     def __init__(self, encoding):
         super().__init__()
@@ -296,7 +297,7 @@ class _Epilogues(torch.nn.Module):
 
     def forward(self, x):
         x = torch.relu(self.norm[0](self.attention[0](x)))
-        x = self.norm[1](self.attention[1](x))
+        x = torch.relu(self.norm[1](self.attention[1](x)))
         y = self.norm[2](self.attention[2](x))
         return torch.relu(y), y
 
@@ -318,7 +319,7 @@ def test_fused_epilogues_match_pytorch(encoding, tmp_path, monkeypatch):
                           dynamic_axes={'x': {0: 'b', 2: 'h', 3: 'w'}})
     exported = onnx.load(path)
     pack_attention_inputs(exported)
-    assert fuse_attention_epilogues(exported) == 5  # pool, BN, ReLU; BN; BN
+    assert fuse_attention_epilogues(exported) == 6  # pool, BN, ReLU; BN, ReLU; BN
     ops = [node.op_type for node in exported.graph.node]
     assert 'AveragePool' not in ops and 'BatchNormalization' not in ops
     assert ops.count('Relu') == 1  # the last BatchNorm's output is read twice
@@ -326,7 +327,8 @@ def test_fused_epilogues_match_pytorch(encoding, tmp_path, monkeypatch):
     attributes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
                   for n in nodes]
     assert attributes[0]['pool'] == [2, 2] and attributes[0]['activation'] == b'relu'
-    assert 'pool' not in attributes[1] and 'activation' not in attributes[1]
+    assert 'pool' not in attributes[1] and attributes[1]['activation'] == b'relu'
+    assert 'pool' not in attributes[2] and 'activation' not in attributes[2]
     assert [len(n.input) for n in nodes] == [7, 7, 7]
     onnx.checker.check_model(exported)
     onnx.save(exported, path)
@@ -370,6 +372,12 @@ def test_fused_epilogue_rejects_bad_inputs(tmp_path, monkeypatch):
     np.testing.assert_allclose(out.reshape(1, 8, 3, 4), want.numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match=r'scale and shift must be \(N \* Dv\) = \(8\)'):
         session.run(None, dict(q=q, k=q, v=q, scale=scale[:4], shift=shift))
+    unpaired = onnx.load(path)
+    del unpaired.graph.node[0].input[-1]  # scale without shift
+    onnx.save(unpaired, str(tmp_path / 'unpaired.onnx'))
+    session = _isa_session(str(tmp_path / 'unpaired.onnx'), 'baseline', monkeypatch)
+    with pytest.raises(Exception, match='scale and shift .inputs 5 and 6. come together'):
+        session.run(None, dict(q=q, k=q, v=q, scale=scale, shift=shift))
     for name, value, message in [('pool', [0, 2], 'pool must be two positive ints'),
                                  ('activation', 'gelu', "activation must be 'none' or 'relu'")]:
         bad = onnx.load(path)
