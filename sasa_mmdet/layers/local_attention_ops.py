@@ -188,9 +188,10 @@ def _local_attention_backward_op(grad_out: Tensor, out: Optional[Tensor], saved:
     """Writes the gradients of q, k and v into ``grad_query``, ``grad_key``
     and ``grad_value`` (any initial content; they may be views into one
     buffer) and returns those of ``rel_row`` and ``rel_col`` (empty without
-    tables). ``out``, the forward's output, no backend reads (the autograd
-    formula passes None): 'cpp' and 'torch' keep the attention map or
-    recompute it, 'triton' recomputes from the log-sum-exp."""
+    tables). ``out``, the forward's output or None: 'cpp' and 'torch' do
+    not read it (they keep the attention map or recompute it); 'triton'
+    takes ``delta = grad_out . out`` from it, or without it recomputes that
+    from the log-sum-exp."""
     grad_rel_row, grad_rel_col = _backend_module(backend).backward(
         grad_out, out, saved, query, key, value, rel_row, rel_col, tuple(window),
         tuple(dilation), grad_query, grad_key, grad_value)
@@ -211,12 +212,13 @@ def _(grad_out, out, saved, query, key, value, rel_row, rel_col, window, dilatio
 def _setup_context(ctx, inputs, output) -> None:
     query, key, value, rel_row, rel_col, window, dilation, backend, _ = inputs
     out, saved = output
-    # Not the output: no backend's backward reads it (the 'triton' kernels
-    # recompute what they need from the log-sum-exp), and saving it would
-    # make an in-place op on it (a ReLU after a layer without bias) fail the
-    # backward pass.
+    # Not saved: an in-place op on the output (a ReLU after a layer without
+    # bias) would then fail the backward pass. The 'triton' backward takes
+    # delta = dout . out from it when it is unchanged (a walk over every
+    # window less); an alias (sharing its version counter) tells.
     ctx.save_for_backward(query, key, value, rel_row, rel_col, None, saved)
     ctx.geometry = (tuple(window), tuple(dilation), backend)
+    ctx.output = (out.detach(), out._version) if backend == 'triton' else None
     # `saved` has no gradient. Without these two calls autograd hands the
     # backward a zero-filled tensor of its shape: for a kept map, 6x a
     # 64-channel input at k = 7, allocated in every attention layer's backward.
@@ -229,6 +231,8 @@ def _backward(ctx, grad_out, _grad_saved):
     window, dilation, backend = ctx.geometry
     if grad_out is None:  # the output is not used by anything that needs a gradient
         return (None,) * 9
+    if ctx.output is not None and ctx.output[0]._version == ctx.output[1]:
+        out = ctx.output[0]
     grad_query, grad_key, grad_value = _gradient_buffers(query, key, value)
     grad_rel_row, grad_rel_col = torch.ops.sasa_mmdet.local_attention_backward(
         grad_out, out, saved, query, key, value, rel_row, rel_col, window, dilation, backend,

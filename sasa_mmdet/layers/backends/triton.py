@@ -35,26 +35,30 @@ per-key comparisons. A masked key's logit is below -1e30: its weight is
 exactly 0.
 
 Backward, like FlashAttention-2's, recomputing ``P`` from the stored
-log-sum-exp, in three kernels launched one after the other:
+log-sum-exp, with ``delta_i = dout_i . out_i`` from the forward's output
+(read, not saved: the layer keeps an alias of it and passes it only while
+no in-place op has changed it, so a ReLU applied in place after a layer
+without bias still gets right gradients), in two kernels launched one
+after the other:
 
-- query kernel (owns query tiles): walks the halo once for ``delta_i =
-  sum_j P_ij dP_ij`` (which equals ``dout_i . out_i``: the forward's output
-  is never needed, so never saved) and stores it, then again for the q.k
-  share of ``dQ = dS @ K``, ``dS = P (dP - delta)``;
-- tables kernel (owns query tiles, a column of them per program; only with
-  tables): walks the halo for ``dS`` summed per halo row and column (one-hot
-  products), shifts those to each query's taps (``dA``, ``dB``), adds
-  ``dA @ RowT^T + dB @ ColT^T`` to the query kernel's dQ, and accumulates
-  ``Q^T @ [dA | dB]`` into one ``(D, 2 x taps)`` partial sum per program,
-  which ``torch.sum`` reduces in a fixed order (a few MB; not O(D^2) per
-  pixel);
+- query kernel (owns query tiles, a column of them per program with
+  tables): delta (stored), then one walk over the halo for ``dQ = dS @
+  K``, ``dS = P (dP - delta)``; with tables the same walk also sums ``dS``
+  per halo row and column (one-hot products), shifts those to each query's
+  taps (``dA``, ``dB``), adds ``dA @ RowT^T + dB @ ColT^T`` to dQ and
+  accumulates ``Q^T @ [dA | dB]`` into one ``(D, 2 x taps)`` partial sum
+  per program, which ``torch.sum`` reduces in a fixed order (a few MB; not
+  O(D^2) per pixel). With tables this is the kernel called
+  ``_backward_tables_kernel``, otherwise ``_backward_query_kernel``;
 - key kernel (owns key tiles): visits the queries whose windows cover its
   keys (the same halo, seen from the key side): ``dV = P^T @ dO``, ``dK =
   dS^T @ Q``.
 
-No reduction uses atomics: the gradients are bit-reproducible run to run.
-The relative tables' work is a kernel of its own because, fused into the
-query kernel, it spilled registers.
+When the output was modified in place, ``_backward_query_kernel`` first
+walks the halo for ``delta_i = sum_j P_ij dP_ij`` and computes the q.k
+share of dQ, and ``_backward_tables_kernel`` walks it again and adds the
+tables' share (three kernels, about a quarter more work). No reduction
+uses atomics: the gradients are bit-reproducible run to run.
 
 Precision. Half-precision inputs enter ``tl.dot`` as they are (P and dS are
 rounded to the input dtype for their products, as FlashAttention's are).
@@ -66,10 +70,10 @@ accuracy in fewer registers than Triton's lowering of it), or, when torch
 allows tf32 for float32 matrix products
 (``torch.set_float32_matmul_precision('high')`` or ``'medium'``), one tf32
 product each (``PRODUCTS == 2``: 10-bit mantissas, as cuDNN's tf32
-convolutions; the one-hot products too). In half
-precision the tables kernel adds its share to a dQ already rounded to the
-input dtype (one more rounding). Loads inside the halo loops are not
-masked (addresses clamped to the image, channels to the head width): what
+convolutions; the one-hot products too). In half precision, when the
+output was modified in place, the tables kernel adds its share to a dQ
+already rounded to the input dtype (one more rounding). Loads inside the
+halo loops are not masked (addresses clamped to the image, channels to the head width): what
 they read outside is masked out of the softmax or meets the other
 operand's zero channels.
 
@@ -79,7 +83,9 @@ wider than 16 taps compiles a wider tap table). Map sizes and strides are
 not specialised (``do_not_specialize``), so one compile serves every
 feature-map size: the compiles per run are the (dtype, padded head width
 and whether it is full, window size class, logit terms, layout)
-combinations the model uses, times four kernels (three without tables).
+combinations the model uses, times three kernels (forward, query or
+tables, key; plus the two kernels of the in-place fallback if an output
+is modified in place).
 
 Layouts. The kernels address the ``(B, N, D, H, W)`` maps in one of two
 layouts (``CHANNELS_LAST``, chosen per call by :func:`channels_last`):
@@ -153,7 +159,7 @@ INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 # Map sizes and strides change with every feature map: one compile for all.
 _RUNTIME_INTS = ['H', 'W', 'N', 'D', 'DV', 'DR', 'KH', 'KW', 'DH', 'DW', 'tile_rows'] + [
-    f's{tensor}{dim}' for tensor in 'qkvogw' for dim in 'bnchw']
+    f's{tensor}{dim}' for tensor in 'qkvogwf' for dim in 'bnchw']
 
 
 def _jit(fn):
@@ -180,6 +186,16 @@ def kernel_config(kernel: str, blocks: dict, element_size: int = 2,
         if width >= 128:
             options['num_warps'] = 8
     return blocks, options
+
+
+def tables_kernel_owns_dq(element_size: int, width: int, channels_last_layout: bool) -> bool:
+    """Whether, given the forward's output, the backward tables kernel
+    takes on the query kernel's work (delta and all of dq: one walk over
+    the halo, not two): for channels-last maps in half precision, and in
+    tf32 at head widths up to 32 (``width``: the wider padded one of q's
+    and v's). Elsewhere (planar maps, tf32 at 64 and
+    wider) its dq accumulator spilled registers on sm_90 (8-264 bytes)."""
+    return channels_last_layout and (element_size == 2 or width <= WIDE_HEAD)
 
 
 def block_config(head_dim: int, value_dim: int, window=(7, 7), element_size: int = 2) -> dict:
@@ -602,20 +618,24 @@ def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.conste
 
 
 @_jit
-def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
+def _backward_query_kernel(Q, K, V, RR, RC, DOUT, OUT, LSE, DELTA, DQ,
                            sqb, sqn, sqc, sqh, sqw, skb, skn, skc, skh, skw,
                            svb, svn, svc, svh, svw,
                            sgb, sgn, sgc, sgh, sgw, sob, son, soc, soh, sow,
+                           sfb, sfn, sfc, sfh, sfw,
                            H, W, N, D, DV, DR, KH, KW, DH, DW,
-                           HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
+                           HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, HAS_OUT: tl.constexpr,
+                           PRODUCTS: tl.constexpr,
                            CHANNELS_LAST: tl.constexpr, EVEN: tl.constexpr,
                            TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
-    """delta (stored) and the q.k share of dq of one tile of queries: two
-    walks over the halo, ``delta_i = sum_j P_ij dP_ij`` (= dout_i . out_i),
-    then ``dq = dS @ K`` with ``dS = P (dP - delta)``."""
+    """delta (stored) and the q.k share of dq of one tile of queries:
+    ``delta_i = dout_i . out_i`` from the forward's output (``HAS_OUT``,
+    strides ``sf*``) or, without it, from a walk over the halo as ``sum_j
+    P_ij dP_ij``; then a walk for ``dq = dS @ K`` with ``dS = P (dP -
+    delta)``."""
     sqb, sqn, sqc, sqh, sqw = _layout(sqb, sqn, sqc, sqh, sqw, CHANNELS_LAST)
     skb, skn, skc, skh, skw = _layout(skb, skn, skc, skh, skw, CHANNELS_LAST)
     svb, svn, svc, svh, svw = _layout(svb, svn, svc, svh, svw, CHANNELS_LAST)
@@ -640,18 +660,26 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
     rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H, W,
                              DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, PRODUCTS, BLOCK_D,
                              BLOCK_T, BLOCK_HALO)
-    delta = tl.zeros([TILE_H * TILE_W], tl.float32)
-    for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
-        hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
-        ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
-                                             BLOCK_H, BLOCK_W)
-        kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
-        if HAS_KEY:
-            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN, CHANNELS_LAST)
-        vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN, CHANNELS_LAST)
-        p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
-                                BLOCK_H, BLOCK_W)
-        delta += tl.sum(p * dp, axis=1)
+    if HAS_OUT:
+        sfb, sfn, sfc, sfh, sfw = _layout(sfb, sfn, sfc, sfh, sfw, CHANNELS_LAST)
+        out = _load(OUT + b * sfb + n * sfn, y, x, q_ok, dv, DV, sfc, sfh, sfw, False, True,
+                    EVEN, CHANNELS_LAST)
+        delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
+    else:
+        delta = tl.zeros([TILE_H * TILE_W], tl.float32)
+        for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
+            hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+            ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                                 BLOCK_H, BLOCK_W)
+            kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
+            if HAS_KEY:
+                kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN,
+                           CHANNELS_LAST)
+            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN,
+                       CHANNELS_LAST)
+            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY,
+                                    PRODUCTS, BLOCK_H, BLOCK_W)
+            delta += tl.sum(p * dp, axis=1)
     tl.store(DELTA + (bn * H + y) * W + x, delta, mask=q_ok)
     dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
     if HAS_KEY:
@@ -670,28 +698,34 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ,
 
 
 @_jit
-def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
+def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, OUT, LSE, DELTA, DQ, DREL,
                             sqb, sqn, sqc, sqh, sqw, skb, skn, skc, skh, skw,
                             svb, svn, svc, svh, svw,
                             sgb, sgn, sgc, sgh, sgw, sob, son, soc, soh, sow,
+                            sfb, sfn, sfc, sfh, sfw,
                             H, W, N, D, DV, DR, KH, KW, DH, DW, tile_rows,
-                            HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, PRODUCTS: tl.constexpr,
+                            HAS_KEY: tl.constexpr, HAS_REL: tl.constexpr, OWNS_DQ: tl.constexpr,
+                            PRODUCTS: tl.constexpr,
                             CHANNELS_LAST: tl.constexpr, EVEN: tl.constexpr,
                             TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_HALO: tl.constexpr):
-    """The relative tables' share of dq (added to DQ, which the query
-    kernel wrote for the same tiles) and their gradient, of ``tile_rows``
-    tiles of queries one above the other: dS summed per halo row and
-    column, shifted to each query's taps (``dA``, ``dB``), then
+    """The relative tables' gradient and their share of dq, of
+    ``tile_rows`` tiles of queries one above the other: dS summed per halo
+    row and column, shifted to each query's taps (``dA``, ``dB``), then
     ``dq += dA @ RowT^T + dB @ ColT^T`` and ``DREL[program] += Q^T @ [dA |
-    dB]`` as ``(BLOCK_D, 2 * BLOCK_T)``."""
+    dB]`` as ``(BLOCK_D, 2 * BLOCK_T)``. ``OWNS_DQ``: the kernel does all
+    the query kernel would, from the forward's output (strides ``sf*``):
+    ``delta = dout . out`` (stored) and ``dq = dS @ K`` plus the tables'
+    share, stored once; otherwise it reads the query kernel's delta and
+    adds its share to the query kernel's DQ."""
     sqb, sqn, sqc, sqh, sqw = _layout(sqb, sqn, sqc, sqh, sqw, CHANNELS_LAST)
     skb, skn, skc, skh, skw = _layout(skb, skn, skc, skh, skw, CHANNELS_LAST)
     svb, svn, svc, svh, svw = _layout(svb, svn, svc, svh, svw, CHANNELS_LAST)
     sgb, sgn, sgc, sgh, sgw = _layout(sgb, sgn, sgc, sgh, sgw, CHANNELS_LAST)
     sob, son, soc, soh, sow = _layout(sob, son, soc, soh, sow, CHANNELS_LAST)
+    sfb, sfn, sfc, sfh, sfw = _layout(sfb, sfn, sfc, sfh, sfw, CHANNELS_LAST)
     BLOCK_DQ: tl.constexpr = 16
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
@@ -725,7 +759,13 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
                      EVEN, CHANNELS_LAST)
         pixel = (bn * H + y) * W + x
         lse = tl.load(LSE + pixel, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + pixel, mask=q_ok, other=0.0)
+        if OWNS_DQ:
+            out = _load(OUT + b * sfb + n * sfn, y, x, q_ok, dv, DV, sfc, sfh, sfw, False,
+                        True, EVEN, CHANNELS_LAST)
+            delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
+            tl.store(DELTA + pixel, delta, mask=q_ok)
+        else:
+            delta = tl.load(DELTA + pixel, mask=q_ok, other=0.0)
         top = sy0 - (KH - 1) // 2
         left = sx0 - (KW - 1) // 2
         rows, cols = _halo_terms(q, RR, RC, n, N, D, DR, qy, qx, q_ok, top, left, ry, rx, H,
@@ -733,6 +773,7 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
                                  BLOCK_T, BLOCK_HALO)
         grad_rows = tl.zeros([TILE_H * TILE_W, BLOCK_HALO], tl.float32)
         grad_cols = tl.zeros([TILE_H * TILE_W, BLOCK_HALO], tl.float32)
+        dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
         for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
             hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
             ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
@@ -746,28 +787,42 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, LSE, DELTA, DQ, DREL,
             p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
                                     BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
+            if OWNS_DQ and HAS_KEY:
+                dq = _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS, dq)
             grad_rows = _dot_one_hot(
                 ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True), PRODUCTS, grad_rows)
             grad_cols = _dot_one_hot(
                 ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False, True), PRODUCTS, grad_cols)
         grad_a = _per_tap(grad_rows, qy, top, KH, BLOCK_T)
         grad_b = _per_tap(grad_cols, qx, left, KW, BLOCK_T)
-        # dq and the partial sums a slice of channels at a time (q's slice
-        # reloaded, from cache): whole, they would spill at D >= 64.
-        for d0 in range(0, BLOCK_D, BLOCK_DQ):
-            dc = d0 + tl.arange(0, BLOCK_DQ)
-            dq_ptr = DQ + b * sob + n * son + _offsets(y, x, dc, soc, soh, sow, False)
-            dq_ok = _tile_mask(q_ok, dc, D, EVEN, CHANNELS_LAST, False)
-            row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_DQ, BLOCK_T,
-                                           True, d0)
-            dq = tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
+        if OWNS_DQ:
+            row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_D, BLOCK_T, True)
             if DQ.dtype.element_ty == tl.float32:
                 dq = _dot_f32(grad_a, row_table, PRODUCTS, dq)
                 dq = _dot_f32(grad_b, col_table, PRODUCTS, dq)
-            else:  # rounded to q's dtype when stored
+            else:
                 dq = _dot_f32_by_bf16(grad_a, row_table, PRODUCTS, dq)
                 dq = _dot_f32_by_bf16(grad_b, col_table, PRODUCTS, dq)
-            tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=dq_ok)
+            _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh, sow, EVEN,
+                   CHANNELS_LAST)
+        # The partial sums (and without OWNS_DQ dq) a slice of channels at a
+        # time (q's slice reloaded, from cache): whole, they would spill at
+        # D >= 64.
+        for d0 in range(0, BLOCK_D, BLOCK_DQ):
+            dc = d0 + tl.arange(0, BLOCK_DQ)
+            if not OWNS_DQ:
+                dq_ptr = DQ + b * sob + n * son + _offsets(y, x, dc, soc, soh, sow, False)
+                dq_ok = _tile_mask(q_ok, dc, D, EVEN, CHANNELS_LAST, False)
+                row_table, col_table = _tables(RR, RC, n, N, D, DR, KH, KW, BLOCK_DQ, BLOCK_T,
+                                               True, d0)
+                dq_slice = tl.load(dq_ptr, mask=dq_ok, other=0.0).to(tl.float32)
+                if DQ.dtype.element_ty == tl.float32:
+                    dq_slice = _dot_f32(grad_a, row_table, PRODUCTS, dq_slice)
+                    dq_slice = _dot_f32(grad_b, col_table, PRODUCTS, dq_slice)
+                else:  # rounded to q's dtype when stored
+                    dq_slice = _dot_f32_by_bf16(grad_a, row_table, PRODUCTS, dq_slice)
+                    dq_slice = _dot_f32_by_bf16(grad_b, col_table, PRODUCTS, dq_slice)
+                tl.store(dq_ptr, dq_slice.to(DQ.dtype.element_ty), mask=dq_ok)
             q_slice = _load(Q + b * sqb + n * sqn, y, x, q_ok, dc, D, sqc, sqh, sqw, True, True,
                             EVEN, CHANNELS_LAST)
             slice_sums = partial + d0 * 2 * BLOCK_T
@@ -977,12 +1032,16 @@ def forward(query, key, value, rel_row, rel_col, window, dilation, keep_attentio
 def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, dilation,
              grad_query, grad_key, grad_value):
     """Writes dq, dk, dv into the given buffers; returns the tables'
-    gradients in float32 (None without tables). ``out`` is not read (the
-    kernels recompute what they need from ``lse``): it may be None."""
+    gradients in float32 (None without tables). ``out``, the forward's
+    output as it returned it, gives ``delta = dout . out``; None when it
+    is not at hand (modified in place since), and the query kernel
+    recomputes delta from ``lse`` with a walk over the halo."""
     _check_head_widths(query, value)
     batch, heads, dim, height, width = query.shape
     layout = channels_last(query, key, value)
     query, key, value, grad_out = (_in_layout(t, layout) for t in (query, key, value, grad_out))
+    has_out = out is not None
+    out = _in_layout(out, layout) if has_out else grad_out  # a placeholder never read
     tensors, strides, geometry, flags = _launch_args(query, key, value, rel_row, rel_col,
                                                      window, dilation, layout)
     has_rel = rel_row is not None
@@ -1005,14 +1064,19 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
                           else (1,), dtype=torch.float32, device=query.device)
     tile_grid = (_grid_tiles(height, width, dilation), batch * heads)
     with _on_device(query):
-        _backward_query_kernel[tile_grid](
-            *tensors, grad_out, lse, delta, grad_q, *strides, *_strides(grad_out, layout),
-            *_strides(grad_q, layout), *geometry, **flags['_backward_query_kernel'])
-        if has_rel:  # after the query kernel: adds to its dq, reads its delta
+        tables = flags['_backward_tables_kernel']
+        owns_dq = has_rel and has_out and tables_kernel_owns_dq(
+            query.element_size(), max(tables['BLOCK_D'], tables['BLOCK_DV']), layout)
+        if not owns_dq:
+            _backward_query_kernel[tile_grid](
+                *tensors, grad_out, out, lse, delta, grad_q, *strides,
+                *_strides(grad_out, layout), *_strides(grad_q, layout), *_strides(out, layout),
+                *geometry, HAS_OUT=has_out, **flags['_backward_query_kernel'])
+        if has_rel:  # otherwise after the query kernel: reads its delta, adds to its dq
             _backward_tables_kernel[tables_grid](
-                *tensors, grad_out, lse, delta, grad_q, partial, *strides,
-                *_strides(grad_out, layout), *_strides(grad_q, layout), *geometry, tile_rows,
-                **flags['_backward_tables_kernel'])
+                *tensors, grad_out, out, lse, delta, grad_q, partial, *strides,
+                *_strides(grad_out, layout), *_strides(grad_q, layout), *_strides(out, layout),
+                *geometry, tile_rows, OWNS_DQ=owns_dq, **flags['_backward_tables_kernel'])
         grad_k = grad_q if grad_k is None else grad_k  # never written without HAS_KEY
         _backward_key_kernel[tile_grid](
             *tensors, grad_out, lse, delta, grad_k, grad_v, *strides, *_strides(grad_out, layout),
@@ -1045,13 +1109,17 @@ _TRITON_DTYPES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 
 
 def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_dim: int = None,
                         window=(7, 7), has_key: bool = True, has_rel: bool = True,
-                        tf32: bool = False, channels_last_layout: bool = False) -> tuple:
+                        tf32: bool = False, channels_last_layout: bool = False,
+                        has_out: bool = True) -> tuple:
     """``(fn, signature, constexprs, attrs, options)`` for
     ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
     target=GPUTarget('cuda', arch, 32), options=options)``, specialised as a
     launch on a GPU specialises it: 16-byte-aligned pointers (PyTorch's
     allocations and the layer's packed q, k, v are), every int a runtime
     i32 (``do_not_specialize``: one compile for every map size and stride).
+    ``has_out``: the backward query kernel reads the forward's output (a
+    training step's launch) or walks the halo for delta (the output was
+    modified in place).
 
     Example:
         >>> fn, sig, consts, attrs, opts = compile_source_args('_forward_kernel',
@@ -1068,6 +1136,11 @@ def compile_source_args(kernel: str, dtype: torch.dtype, head_dim: int, value_di
                       CHANNELS_LAST=channels_last_layout,
                       EVEN=head_dim == blocks['BLOCK_D'] and value_dim == blocks['BLOCK_DV'],
                       **blocks)
+    if 'HAS_OUT' in fn.arg_names:
+        constexprs['HAS_OUT'] = has_out
+    if 'OWNS_DQ' in fn.arg_names:
+        constexprs['OWNS_DQ'] = has_out and tables_kernel_owns_dq(
+            element_size, max(blocks['BLOCK_D'], blocks['BLOCK_DV']), channels_last_layout)
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
