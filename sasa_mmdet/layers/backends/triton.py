@@ -789,10 +789,16 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, OUT, LSE, DELTA, DQ, DREL,
             ds = p * (dp - delta[:, None])
             if OWNS_DQ and HAS_KEY:
                 dq = _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS, dq)
+            # In half precision one tf32 product (dS to 2^-11; dq and dk
+            # take it rounded to the input dtype); in float32 two.
+            sums_products: tl.constexpr = 2 if (PRODUCTS == 0 and q.dtype != tl.float32) \
+                else PRODUCTS
             grad_rows = _dot_one_hot(
-                ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True), PRODUCTS, grad_rows)
+                ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True), sums_products,
+                grad_rows)
             grad_cols = _dot_one_hot(
-                ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False, True), PRODUCTS, grad_cols)
+                ds, _one_hot(hx, BLOCK_HALO, BLOCK_H, BLOCK_W, False, True), sums_products,
+                grad_cols)
         grad_a = _per_tap(grad_rows, qy, top, KH, BLOCK_T)
         grad_b = _per_tap(grad_cols, qx, left, KW, BLOCK_T)
         if OWNS_DQ:
