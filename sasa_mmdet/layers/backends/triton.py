@@ -64,7 +64,8 @@ Precision. Half-precision inputs enter ``tl.dot`` as they are (P and dS are
 rounded to the input dtype for their products, as FlashAttention's are).
 Products with a float32 operand split it into high and low parts: the
 one-hot products into two tf32 products (exact one-hot, about 2^-21 of the
-terms), products with the tables into half-precision (or bfloat16) parts,
+terms; for half-precision inputs the tables kernel's sums of dS per halo
+row and column take one, dS to 2^-11), products with the tables into half-precision (or bfloat16) parts,
 float32 inputs into three tf32 products (``_dot_f32``: ``tf32x3``'s
 accuracy in fewer registers than Triton's lowering of it), or, when torch
 allows tf32 for float32 matrix products
@@ -191,11 +192,14 @@ def kernel_config(kernel: str, blocks: dict, element_size: int = 2,
 def tables_kernel_owns_dq(element_size: int, width: int, channels_last_layout: bool) -> bool:
     """Whether, given the forward's output, the backward tables kernel
     takes on the query kernel's work (delta and all of dq: one walk over
-    the halo, not two): for channels-last maps in half precision, and in
-    tf32 at head widths up to 32 (``width``: the wider padded one of q's
-    and v's). Elsewhere (planar maps, tf32 at 64 and
-    wider) its dq accumulator spilled registers on sm_90 (8-264 bytes)."""
-    return channels_last_layout and (element_size == 2 or width <= WIDE_HEAD)
+    the halo, not two): in half precision for channels-last maps and for
+    planar ones at head widths up to 32; in tf32 for channels-last maps at
+    head widths up to 32 (``width``: the wider padded one of q's and v's).
+    Elsewhere its dq accumulator spilled registers on sm_90 (12-264 bytes).
+    """
+    if element_size == 2:
+        return channels_last_layout or width <= WIDE_HEAD
+    return channels_last_layout and width <= WIDE_HEAD
 
 
 def block_config(head_dim: int, value_dim: int, window=(7, 7), element_size: int = 2) -> dict:
