@@ -105,11 +105,13 @@ ones at head widths that do not fill their block (8, 24, ...: their halo
 loads clamp the channels); no ``cp.async``/TMA; the halo of a
 3 x 3 window wastes most of its products; the halo blocks are not
 software-pipelined; the kernels use up to 255 registers (two programs per
-SM). No kernel spills registers in bfloat16, float16 or tf32 at head widths
-up to 64 on sm_80 and sm_90, except the key kernel on sm_80 at 64
-channels-last in half precision (16-24 B); at 128 the tables kernel does, and
-float32 at full accuracy (three products each) spills at every width
-(tools/analysis_tools/check_triton_kernels.py reports which). The key
+SM). No kernel spills registers in bfloat16 or float16 at head widths up
+to 64 on sm_80 and sm_90, except the key kernel on sm_80 at 64
+channels-last (16-24 B); in tf32 the tables kernel does at 64 on sm_90
+(152-240 B) and the key kernel at 16 channels-last on sm_80 (16 B); at 128
+the tables kernel does, and float32 at full accuracy (three products each)
+spills at every width (tools/analysis_tools/check_triton_kernels.py reports
+which). The key
 kernel runs mma.sync (HMMA), not wgmma, at head widths 64 and 128 (its
 query blocks are then under 64 rows).
 
