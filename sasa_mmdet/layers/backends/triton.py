@@ -54,29 +54,32 @@ after the other:
   keys (the same halo, seen from the key side): ``dV = P^T @ dO``, ``dK =
   dS^T @ Q``.
 
-When the output was modified in place, ``_backward_query_kernel`` first
-walks the halo for ``delta_i = sum_j P_ij dP_ij`` and computes the q.k
-share of dQ, and ``_backward_tables_kernel`` walks it again and adds the
-tables' share (three kernels, about a quarter more work). No reduction
-uses atomics: the gradients are bit-reproducible run to run.
+Where the merged kernel would spill registers (planar maps at head widths
+over 32, tf32 at over 32: :func:`tables_kernel_owns_dq`), and when the
+output was modified in place, three kernels run: ``_backward_query_kernel``
+(delta from the output, or without it from a first walk over the halo as
+``sum_j P_ij dP_ij``; then the q.k share of dQ), ``_backward_tables_kernel``
+(another walk: the tables' share, added to that dQ, and their gradient)
+and the key kernel. No reduction uses atomics: the gradients are
+bit-reproducible run to run.
 
 Precision. Half-precision inputs enter ``tl.dot`` as they are (P and dS are
 rounded to the input dtype for their products, as FlashAttention's are).
 Products with a float32 operand split it into high and low parts: the
 one-hot products into two tf32 products (exact one-hot, about 2^-21 of the
 terms; for half-precision inputs the tables kernel's sums of dS per halo
-row and column take one, dS to 2^-11), products with the tables into half-precision (or bfloat16) parts,
-float32 inputs into three tf32 products (``_dot_f32``: ``tf32x3``'s
-accuracy in fewer registers than Triton's lowering of it), or, when torch
-allows tf32 for float32 matrix products
-(``torch.set_float32_matmul_precision('high')`` or ``'medium'``), one tf32
-product each (``PRODUCTS == 2``: 10-bit mantissas, as cuDNN's tf32
-convolutions; the one-hot products too). In half precision, when the
-output was modified in place, the tables kernel adds its share to a dQ
-already rounded to the input dtype (one more rounding). Loads inside the
-halo loops are not masked (addresses clamped to the image, channels to the head width): what
-they read outside is masked out of the softmax or meets the other
-operand's zero channels.
+row and column take one, dS to 2^-11), products with the tables into
+half-precision (or bfloat16) parts, float32 inputs into three tf32
+products (``_dot_f32``: ``tf32x3``'s accuracy in fewer registers than
+Triton's lowering of it), or, when torch allows tf32 for float32 matrix
+products (``torch.set_float32_matmul_precision('high')`` or
+``'medium'``), one tf32 product each (``PRODUCTS == 2``: 10-bit mantissas,
+as cuDNN's tf32 convolutions; the one-hot products too). In the
+three-kernel backward in half precision, the tables kernel adds its share
+to a dQ already rounded to the input dtype (one more rounding). Loads
+inside the halo loops are not masked (addresses clamped to the image,
+channels to the head width): what they read outside is masked out of the
+softmax or meets the other operand's zero channels.
 
 Head widths: D and Dv up to 128 (:data:`MAX_HEAD_DIM`; larger ones are
 refused). Window and dilation any size, as runtime arguments (a window
