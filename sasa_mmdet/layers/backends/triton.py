@@ -490,8 +490,8 @@ def _logits(q, kT, rows, cols, row0, col0, ROWS: tl.constexpr, COLS: tl.constexp
     logit below -1e30: its weight is exactly 0 (``exp2`` of it, scaled,
     minus any finite maximum underflows). ``ACCUMULATE``: the one-hot
     products add into one accumulator (see :func:`_dot`); the backward's
-    query and tables kernels (:func:`_halo_gradients`) sum them with ``+``
-    (accumulated, the query kernel spilled registers on sm_80 at head
+    query and tables kernels (:func:`_halo_block_gradients`) sum them with
+    ``+`` (accumulated, the query kernel spilled registers on sm_80 at head
     widths 8 and 16, and in tf32 at 128)."""
     LINES: tl.constexpr = rows.shape[1]
     s = _dot_one_hot(rows, _one_hot(row0, LINES, ROWS, COLS, True, False), PRODUCTS)
@@ -619,11 +619,31 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
 
 
 @triton.jit
-def _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY: tl.constexpr,
-                    PRODUCTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """``(P, dP)`` of a tile's queries and its halo block ``(hy, hx)``."""
+def _halo_block_gradients(q, dout, lse, rows, cols, K, V, block, ry, rx, top, left, H, W, DH,
+                          DW, KW, d, D, dv, DV, skc, skh, skw, svc, svh, svw,
+                          HAS_KEY: tl.constexpr, PRODUCTS: tl.constexpr, EVEN: tl.constexpr,
+                          CHANNELS_LAST: tl.constexpr, TILE_W: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """``(K^T, P, dP)`` of a tile's queries and its halo block ``block``
+    (the halo from ``top``, ``left``)."""
+    hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+    ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                         BLOCK_H, BLOCK_W)
+    kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
+    if HAS_KEY:
+        kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN, CHANNELS_LAST)
+    vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN, CHANNELS_LAST)
     s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS, False)
-    return tl.exp2(s * LOG2E - lse[:, None]), _dot(dout, vT, PRODUCTS)
+    return kT, tl.exp2(s * LOG2E - lse[:, None]), _dot(dout, vT, PRODUCTS)
+
+
+@triton.jit
+def _delta_from_output(OUT, y, x, q_ok, dout, dv, DV, sfc, sfh, sfw, EVEN: tl.constexpr,
+                       CHANNELS_LAST: tl.constexpr):
+    """``delta_i = dout_i . out_i`` of a tile's queries (FlashAttention-2's)."""
+    out = _load(OUT, y, x, q_ok, dv, DV, sfc, sfh, sfw, False, True, EVEN, CHANNELS_LAST)
+    return tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
 
 
 @_jit
@@ -671,36 +691,24 @@ def _backward_query_kernel(Q, K, V, RR, RC, DOUT, OUT, LSE, DELTA, DQ,
                              BLOCK_T, BLOCK_HALO)
     if HAS_OUT:
         sfb, sfn, sfc, sfh, sfw = _layout(sfb, sfn, sfc, sfh, sfw, CHANNELS_LAST)
-        out = _load(OUT + b * sfb + n * sfn, y, x, q_ok, dv, DV, sfc, sfh, sfw, False, True,
-                    EVEN, CHANNELS_LAST)
-        delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
+        delta = _delta_from_output(OUT + b * sfb + n * sfn, y, x, q_ok, dout, dv, DV, sfc, sfh,
+                                   sfw, EVEN, CHANNELS_LAST)
     else:
         delta = tl.zeros([TILE_H * TILE_W], tl.float32)
         for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
-            hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
-            ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
-                                                 BLOCK_H, BLOCK_W)
-            kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
-            if HAS_KEY:
-                kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN,
-                           CHANNELS_LAST)
-            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN,
-                       CHANNELS_LAST)
-            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY,
-                                    PRODUCTS, BLOCK_H, BLOCK_W)
+            kT, p, dp = _halo_block_gradients(
+                q, dout, lse, rows, cols, K, V, block, ry, rx, top, left, H, W, DH, DW, KW, d,
+                D, dv, DV, skc, skh, skw, svc, svh, svw, HAS_KEY, PRODUCTS, EVEN, CHANNELS_LAST,
+                TILE_W, BLOCK_H, BLOCK_W, BLOCK_D)
             delta += tl.sum(p * dp, axis=1)
     tl.store(DELTA + (bn * H + y) * W + x, delta, mask=q_ok)
     dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
     if HAS_KEY:
         for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
-            hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
-            ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
-                                                 BLOCK_H, BLOCK_W)
-            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN, CHANNELS_LAST)
-            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN,
-                       CHANNELS_LAST)
-            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
-                                    BLOCK_H, BLOCK_W)
+            kT, p, dp = _halo_block_gradients(
+                q, dout, lse, rows, cols, K, V, block, ry, rx, top, left, H, W, DH, DW, KW, d,
+                D, dv, DV, skc, skh, skw, svc, svh, svw, HAS_KEY, PRODUCTS, EVEN, CHANNELS_LAST,
+                TILE_W, BLOCK_H, BLOCK_W, BLOCK_D)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS)
     _store(DQ + b * sob + n * son, dq, y, x, q_ok, d, D, soc, soh, sow, EVEN, CHANNELS_LAST)
@@ -769,9 +777,8 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, OUT, LSE, DELTA, DQ, DREL,
         pixel = (bn * H + y) * W + x
         lse = tl.load(LSE + pixel, mask=q_ok, other=0.0)
         if OWNS_DQ:
-            out = _load(OUT + b * sfb + n * sfn, y, x, q_ok, dv, DV, sfc, sfh, sfw, False,
-                        True, EVEN, CHANNELS_LAST)
-            delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
+            delta = _delta_from_output(OUT + b * sfb + n * sfn, y, x, q_ok, dout, dv, DV, sfc,
+                                       sfh, sfw, EVEN, CHANNELS_LAST)
             tl.store(DELTA + pixel, delta, mask=q_ok)
         else:
             delta = tl.load(DELTA + pixel, mask=q_ok, other=0.0)
@@ -784,17 +791,11 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, OUT, LSE, DELTA, DQ, DREL,
         grad_cols = tl.zeros([TILE_H * TILE_W, BLOCK_HALO], tl.float32)
         dq = tl.zeros([TILE_H * TILE_W, BLOCK_D], tl.float32)
         for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
+            kT, p, dp = _halo_block_gradients(
+                q, dout, lse, rows, cols, K, V, block, ry, rx, top, left, H, W, DH, DW, KW, d,
+                D, dv, DV, skc, skh, skw, svc, svh, svw, HAS_KEY, PRODUCTS, EVEN, CHANNELS_LAST,
+                TILE_W, BLOCK_H, BLOCK_W, BLOCK_D)
             hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
-            ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
-                                                 BLOCK_H, BLOCK_W)
-            kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
-            if HAS_KEY:
-                kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN,
-                           CHANNELS_LAST)
-            vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN,
-                       CHANNELS_LAST)
-            p, dp = _halo_gradients(q, kT, vT, dout, lse, rows, cols, hy, hx, HAS_KEY, PRODUCTS,
-                                    BLOCK_H, BLOCK_W)
             ds = p * (dp - delta[:, None])
             if OWNS_DQ and HAS_KEY:
                 dq = _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS, dq)
