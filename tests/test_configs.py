@@ -1,4 +1,6 @@
 """Every config loads, builds its real model and trains one iteration."""
+import copy
+import functools
 import glob
 import os.path as osp
 import re
@@ -45,8 +47,16 @@ def metafile_models():
     return models
 
 
-def load(name):
+@functools.lru_cache(maxsize=None)
+def _parsed(name):
     return Config.fromfile(osp.join(CONFIG_DIR, name))
+
+
+def load(name):
+    """The config ``name``, parsed once per session (several tests read
+    each config; parsing one with its ``_base_`` chain takes about a
+    second): a copy of its own for every caller, which may change it."""
+    return copy.deepcopy(_parsed(name))
 
 
 def build(cfg):

@@ -3,7 +3,7 @@ deterministic, in mmpretrain's CustomDataset folder layout, balanced."""
 import json
 import os
 import os.path as osp
-import subprocess
+import runpy
 import sys
 
 import cv2
@@ -163,26 +163,24 @@ def test_invalid_arguments_are_named(tmp_path, kwargs, name):
         generate_synthetic_shape_classes(str(tmp_path), **kwargs)
 
 
-def test_cli(tmp_path):
+def _run_cli(argv, monkeypatch, capsys):
+    """The tool run as a script (``__main__``), in this process (a fresh
+    interpreter would only add its start-up): what it printed."""
+    tool = osp.join(REPO_ROOT, 'tools', 'misc', 'make_pretrain_dataset.py')
+    monkeypatch.setattr(sys, 'argv', [tool, *argv])
+    runpy.run_path(tool, run_name='__main__')
+    return capsys.readouterr().out
+
+
+def test_cli(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / 'pretrain')
-    cmd = [
-        sys.executable,
-        osp.join(REPO_ROOT, 'tools', 'misc', 'make_pretrain_dataset.py'),
-        '--out', out, '--num-train-per-class', '2', '--num-val-per-class',
-        '1', '--size', '32', '--seed', '3'
-    ]
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(
-        p for p in (REPO_ROOT, env.get('PYTHONPATH')) if p)
-    proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, check=True)
-    assert 'written to' in proc.stdout
+    argv = ['--out', out, '--num-train-per-class', '2',
+            '--num-val-per-class', '1', '--size', '32', '--seed', '3']
+    assert 'written to' in _run_cli(argv, monkeypatch, capsys)
     with open(osp.join(out, 'manifest.json')) as f:
         manifest = json.load(f)
     assert (manifest['num_train_per_class'], manifest['num_val_per_class'],
             manifest['size'], manifest['seed']) == (2, 1, 32, 3)
     assert manifest['classes'] == CLASSES
     assert len(os.listdir(osp.join(out, 'train', 'hexagon'))) == 2
-    proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, check=True)
-    assert 'already up to date' in proc.stdout
+    assert 'already up to date' in _run_cli(argv, monkeypatch, capsys)

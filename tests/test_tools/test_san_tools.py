@@ -57,8 +57,9 @@ def test_demo_comparison_counts_the_four_detectors():
 
 def test_step_times_of_the_demo_detectors():
     tool = _tool('san_demo_comparison')
+    # one small image: the same training step as the demo's batch of 8 at 160x160
     times = tool.step_times({'SAN pairwise': osp.join(ROOT, tool.MODELS['SAN pairwise'])},
-                            steps=1)
+                            steps=1, images=1, size=64)
     assert list(times) == ['SAN pairwise'] and times['SAN pairwise'] > 0
 
 

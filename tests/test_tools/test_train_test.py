@@ -164,19 +164,28 @@ def test_resume_after_sigkill_equals_uninterrupted_run(env, seeded_run,
     assert all(step == expected_losses[it] for it, step in resumed_losses)
 
 
+@pytest.fixture(scope='module')
+def torchrun_run(env, tmp_path_factory):
+    """2 torchrun processes training CONFIG_B1 (one image per process and
+    step, 2 epochs): ``(work_dir, output)``."""
+    work_dir = str(tmp_path_factory.mktemp('torchrun_run'))
+    output = _run(
+        [TRAIN, CONFIG_B1, '--work-dir', work_dir, '--launcher', 'pytorch'],
+        env,
+        launcher=TORCHRUN)
+    return work_dir, output
+
+
 def test_two_processes_equal_one_process_with_the_same_total_batch(
-        env, tmp_path):
+        env, torchrun_run, tmp_path):
     """2 torchrun processes with one image each per step against 1 process
     that accumulates the gradients of 2 one-image steps (the conditions are
     in CONFIG_B1 and the README)."""
-    single, dist = str(tmp_path / 'single'), str(tmp_path / 'dist')
+    single, dist = str(tmp_path / 'single'), torchrun_run[0]
     _run([
         TRAIN, CONFIG_B1, '--work-dir', single, '--cfg-options',
         'optim_wrapper.accumulative_counts=2'
     ], env)
-    _run([TRAIN, CONFIG_B1, '--work-dir', dist, '--launcher', 'pytorch'],
-         env,
-         launcher=TORCHRUN)
 
     # 2 epochs of 4 images. Rank 0 logs the losses of its own image: the
     # single process's steps 0, 2, 4, 6 (rank 1 trains on 1, 3, 5, 7).
@@ -222,25 +231,22 @@ def test_test_tool_refuses_a_checkpoint_that_does_not_fit(
     assert 'coco/bbox_mAP' not in output
 
 
-def test_train_resume_and_test(env, tmp_path):
-    work_dir = str(tmp_path / 'work_dir')
-    _run([TRAIN, CONFIG, '--work-dir', work_dir], env)
-    ckpt1 = osp.join(work_dir, 'epoch_1.pth')
+def test_train_resume_and_test(env, seeded_run, tmp_path):
+    # the training from scratch is the seeded run's; resuming from the
+    # latest checkpoint of a work dir (--resume alone) is
+    # test_resume_after_sigkill_equals_uninterrupted_run's
+    ckpt1 = osp.join(seeded_run, 'epoch_1.pth')
     assert osp.isfile(ckpt1)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt1) == []
 
-    out = _run([
-        TRAIN, CONFIG, '--work-dir', work_dir, '--resume', '--cfg-options',
-        'train_cfg.max_epochs=2'
-    ], env)
-    assert 'resumed epoch: 1' in out
-    assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
-    # resuming from an explicit path works as well
+    # resuming from an explicit path, into another work dir
+    work_dir = str(tmp_path / 'work_dir')
     out = _run([
         TRAIN, CONFIG, '--work-dir', work_dir, '--resume', ckpt1,
         '--cfg-options', 'train_cfg.max_epochs=2'
     ], env)
     assert 'resumed epoch: 1' in out
+    assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
 
     results = str(tmp_path / 'results.pkl')
     show_dir = 'painted'
@@ -272,17 +278,15 @@ def test_train_amp_on_cpu(env, tmp_path):
     assert losses and all(math.isfinite(v) for v in losses)
 
 
-def test_torchrun_two_processes(env, tmp_path):
-    work_dir = str(tmp_path / 'work_dir')
-    out = _run(
-        [TRAIN, CONFIG, '--work-dir', work_dir, '--launcher', 'pytorch'],
-        env,
-        launcher=TORCHRUN)
+def test_torchrun_two_processes(env, torchrun_run, tmp_path):
+    work_dir, out = torchrun_run
     assert 'Distributed launcher: pytorch' in out
     ckpt = osp.join(work_dir, 'epoch_1.pth')
     assert osp.isfile(ckpt)
 
-    out = _run([TEST, CONFIG, ckpt, '--launcher', 'pytorch'],
+    # CONFIG_B1 differs from CONFIG only in its training data and schedule
+    out = _run([TEST, CONFIG, ckpt, '--work-dir', str(tmp_path),
+                '--launcher', 'pytorch'],
                env,
                launcher=TORCHRUN)
     assert 'coco/bbox_mAP:' in out

@@ -53,10 +53,11 @@ def complexity(config: str) -> dict:
                 backbone_multiply_adds=parts['backbone']['multiply_adds'])
 
 
-def step_times(configs: dict, steps: int = 5) -> dict:
+def step_times(configs: dict, steps: int = 5, images: int = 8, size: int = 160) -> dict:
     """Mean training-step time of each detector, back to back in this
-    process on one synthetic batch (8 images of 160x160, 3 boxes each):
-    the same machine state for all, unlike the training logs' times."""
+    process on one synthetic batch (``images`` images of ``size`` x ``size``,
+    by default the demo's 8 of 160x160, 3 boxes each): the same machine
+    state for all, unlike the training logs' times."""
     import torch
     from mmdet.registry import MODELS as DET_MODELS
     from mmdet.testing import demo_mm_inputs
@@ -68,7 +69,8 @@ def step_times(configs: dict, steps: int = 5) -> dict:
 
     init_default_scope('mmdet')
     torch.manual_seed(0)
-    data = demo_mm_inputs(8, [[3, 160, 160]] * 8, num_items=[3] * 8, num_classes=3)
+    data = demo_mm_inputs(images, [[3, size, size]] * images, num_items=[3] * images,
+                          num_classes=3)
     times = {}
     for name, config in configs.items():
         cfg = Config.fromfile(config)
