@@ -130,6 +130,9 @@ def cls_tta_config(cfg: Config) -> Config:
 
 def main():
     args = parse_args()
+    # Before anything is built or written (the work dir, its logs).
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        raise ValueError(f'--out must name a .pkl or .pickle file, got {args.out!r}')
 
     # Reduce the number of repeated compilations and improve
     # testing speed.
@@ -216,9 +219,6 @@ def main():
 
     # add `DumpResults` dummy metric
     if args.out is not None:
-        if not args.out.endswith(('.pkl', '.pickle')):
-            raise ValueError(
-                f'--out must name a .pkl or .pickle file, got {args.out!r}')
         dump = DumpResults if classifier else DumpDetResults
         runner.test_evaluator.metrics.append(dump(out_file_path=args.out))
 
