@@ -551,6 +551,23 @@ def _halo_block(block, KW, TILE_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W:
     return (block // per_row) * BLOCK_H, (block % per_row) * BLOCK_W
 
 
+@triton.jit
+def _halo_block_keys(q, K, block, ry, rx, top, left, H, W, DH, DW, KW, d, D, skc, skh, skw,
+                     HAS_KEY: tl.constexpr, EVEN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                     TILE_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Halo block ``block`` of a tile (the halo from ``top``, ``left``):
+    its offset ``(hy, hx)``, its keys' clamped rows and columns and whether
+    they are in the image, and ``K^T`` (zeros without ``HAS_KEY``)."""
+    hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
+    ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
+                                         BLOCK_H, BLOCK_W)
+    kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
+    if HAS_KEY:
+        kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN, CHANNELS_LAST)
+    return hy, hx, key_y, key_x, k_ok, kT
+
+
 # ---------------------------------------------------------------------------
 # Forward.
 
@@ -594,12 +611,9 @@ def _forward_kernel(Q, K, V, RR, RC, OUT, LSE,
                              DH, DW, KH, KW, TILE_H, TILE_W, HAS_REL, PRODUCTS, BLOCK_D, BLOCK_T,
                              BLOCK_HALO)
     for block in range(_halo_blocks(KH, KW, TILE_H, TILE_W, BLOCK_H, BLOCK_W)):
-        hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
-        ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
-                                             BLOCK_H, BLOCK_W)
-        kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
-        if HAS_KEY:
-            kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN, CHANNELS_LAST)
+        hy, hx, key_y, key_x, k_ok, kT = _halo_block_keys(
+            q, K, block, ry, rx, top, left, H, W, DH, DW, KW, d, D, skc, skh, skw, HAS_KEY,
+            EVEN, CHANNELS_LAST, TILE_W, BLOCK_H, BLOCK_W, BLOCK_D)
         s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS)
         v = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, False, False, EVEN, CHANNELS_LAST)
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -627,12 +641,9 @@ def _halo_block_gradients(q, dout, lse, rows, cols, K, V, block, ry, rx, top, le
                           BLOCK_D: tl.constexpr):
     """``(K^T, P, dP)`` of a tile's queries and its halo block ``block``
     (the halo from ``top``, ``left``)."""
-    hy, hx = _halo_block(block, KW, TILE_W, BLOCK_H, BLOCK_W)
-    ky, kx, key_y, key_x, k_ok = _pixels(ry, rx, top + hy, left + hx, H, W, DH, DW,
-                                         BLOCK_H, BLOCK_W)
-    kT = tl.zeros([BLOCK_D, BLOCK_H * BLOCK_W], q.dtype)
-    if HAS_KEY:
-        kT = _load(K, key_y, key_x, k_ok, d, D, skc, skh, skw, True, False, EVEN, CHANNELS_LAST)
+    hy, hx, key_y, key_x, k_ok, kT = _halo_block_keys(
+        q, K, block, ry, rx, top, left, H, W, DH, DW, KW, d, D, skc, skh, skw, HAS_KEY, EVEN,
+        CHANNELS_LAST, TILE_W, BLOCK_H, BLOCK_W, BLOCK_D)
     vT = _load(V, key_y, key_x, k_ok, dv, DV, svc, svh, svw, True, False, EVEN, CHANNELS_LAST)
     s = _logits(q, kT, rows, cols, hy, hx, BLOCK_H, BLOCK_W, HAS_KEY, PRODUCTS, False)
     return kT, tl.exp2(s * LOG2E - lse[:, None]), _dot(dout, vT, PRODUCTS)
