@@ -101,8 +101,9 @@ def pack_attention_inputs(model) -> int:
                     _squeezed_axes(model, squeeze) != [1]:
                 break
             source = producer.get(squeeze.input[0])
-            if source is None or source.op_type != 'Split' or _attribute(source, 'axis', 0) != 1 or \
-                    len(source.output) != 3 or source.output[part] != squeeze.input[0] or \
+            if source is None or source.op_type != 'Split' or \
+                    _attribute(source, 'axis', 0) != 1 or len(source.output) != 3 or \
+                    source.output[part] != squeeze.input[0] or \
                     (split is not None and source is not split):
                 break
             split = source

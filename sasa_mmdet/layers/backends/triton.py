@@ -755,6 +755,11 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, OUT, LSE, DELTA, DQ, DREL,
     sob, son, soc, soh, sow = _layout(sob, son, soc, soh, sow, CHANNELS_LAST)
     sfb, sfn, sfc, sfh, sfw = _layout(sfb, sfn, sfc, sfh, sfw, CHANNELS_LAST)
     BLOCK_DQ: tl.constexpr = 16
+    # dS's sums per halo row and column: in half precision one tf32 product
+    # (dS to 2^-11; dq and dk take it rounded to the input dtype), in
+    # float32 two.
+    sums_products: tl.constexpr = 2 if (PRODUCTS == 0 and Q.dtype.element_ty != tl.float32) \
+        else PRODUCTS
     bn = tl.program_id(1).to(tl.int64)
     b = bn // N
     n = bn % N
@@ -810,10 +815,6 @@ def _backward_tables_kernel(Q, K, V, RR, RC, DOUT, OUT, LSE, DELTA, DQ, DREL,
             ds = p * (dp - delta[:, None])
             if OWNS_DQ and HAS_KEY:
                 dq = _dot(ds.to(kT.dtype), tl.trans(kT), PRODUCTS, dq)
-            # In half precision one tf32 product (dS to 2^-11; dq and dk
-            # take it rounded to the input dtype); in float32 two.
-            sums_products: tl.constexpr = 2 if (PRODUCTS == 0 and q.dtype != tl.float32) \
-                else PRODUCTS
             grad_rows = _dot_one_hot(
                 ds, _one_hot(hy, BLOCK_HALO, BLOCK_H, BLOCK_W, True, True), sums_products,
                 grad_rows)
@@ -1081,8 +1082,8 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     dh, dw = dilation
     tiles_h = triton.cdiv(triton.cdiv(height, dh), TILE_H)
     tiles_w = triton.cdiv(triton.cdiv(width, dw), TILE_W)
-    block_d, block_t = (flags['_backward_tables_kernel'][name] for name in ('BLOCK_D',
-                                                                            'BLOCK_T'))
+    tables = flags['_backward_tables_kernel']
+    block_d, block_t = tables['BLOCK_D'], tables['BLOCK_T']
     # The tables' gradient: several tiles per program, few partial sums.
     programs = max(1, TABLE_PARTIAL_BYTES // (batch * heads * block_d * 2 * block_t * 4))
     tile_rows = triton.cdiv(tiles_h * tiles_w * dh * dw, programs)
@@ -1090,10 +1091,9 @@ def backward(grad_out, out, lse, query, key, value, rel_row, rel_col, window, di
     partial = torch.empty((batch * heads * tables_grid[0], block_d, 2 * block_t) if has_rel
                           else (1,), dtype=torch.float32, device=query.device)
     tile_grid = (_grid_tiles(height, width, dilation), batch * heads)
+    owns_dq = has_rel and has_out and tables_kernel_owns_dq(
+        query.element_size(), max(block_d, tables['BLOCK_DV']), layout)
     with _on_device(query):
-        tables = flags['_backward_tables_kernel']
-        owns_dq = has_rel and has_out and tables_kernel_owns_dq(
-            query.element_size(), max(tables['BLOCK_D'], tables['BLOCK_DV']), layout)
         if not owns_dq:
             _backward_query_kernel[tile_grid](
                 *tensors, grad_out, out, lse, delta, grad_q, *strides,
