@@ -20,6 +20,7 @@ from torch.nn.modules.utils import _pair
 from torch.utils.checkpoint import checkpoint
 
 from .attention_weights import local_attention_weights
+from .backends import onnx_graph
 from .local_attention_ops import local_attention, local_attention_reference, split_projections
 
 POSITION_ENCODINGS = ('relative', 'absolute', 'none')
@@ -354,12 +355,36 @@ class LocalSelfAttention2d(nn.Module):
         return out
 
     def _project_and_attend(self, x: Tensor, recompute_attention: bool) -> Tensor:
-        query, key, value = self.project(x)
-        out = self.attend(query, key, value, recompute_attention)
+        if self._exports_packed_graph():
+            out = self._attend_packed(x)
+        else:
+            query, key, value = self.project(x)
+            out = self.attend(query, key, value, recompute_attention)
         out = out.flatten(1, 2)  # (B, C_out, H, W)
         if self.stride != (1, 1):
             out = average_pool_ceil(out, self.stride)
         return out
+
+    def _exports_packed_graph(self) -> bool:
+        """Whether an ONNX export records this layer's standard-operator
+        graph from its whole projection (:meth:`_attend_packed`): this
+        class's projection, and a key that nothing changes after it."""
+        return (torch.onnx.is_in_onnx_export() and onnx_graph.current_graph() == 'onnx'
+                and type(self).project is LocalSelfAttention2d.project
+                and self.position_encoding != 'absolute' and self.impl != 'reference')
+
+    def _attend_packed(self, x: Tensor) -> Tensor:
+        """What :meth:`attend` of :meth:`project` computes, as
+        ``onnx_graph.packed_forward`` on the projection in pixel-major order
+        (one matrix product; its gathers read q, k and v from it in place)."""
+        height, width = x.shape[-2:]
+        qkv = torch.matmul(x.flatten(2).transpose(1, 2), self.qkv_weight.t())  # (B, H*W, 3C)
+        rel_row = rel_col = None
+        if self.position_encoding == 'relative':
+            rel_row, rel_col = self.rel_row, self.rel_col
+        with_key = not (self.position_encoding == 'relative' and self.logits == 'qr')
+        return onnx_graph.packed_forward(qkv, self.num_heads, (height, width), with_key,
+                                         rel_row, rel_col, self.window_size, self.dilation)
 
     def _logit_terms(self, query: Tensor, key: Tensor) -> Tuple[Optional[Tensor], ...]:
         """The key and relative tables the logits are made of, for this

@@ -52,6 +52,21 @@ def test_standard_graph_equals_reference(case):
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('case', [c for c in CASES if c[4] == c[5]])  # one projection: D == Dv
+def test_packed_standard_graph_equals_reference(case):
+    """packed_forward reads q, k and v out of one pixel-major projection."""
+    query, key, value, rel_row, rel_col = _inputs(case, torch.float64)
+    batch, heads, dim, height, width = query.shape
+    unused_key = torch.full_like(query, float('nan'))  # q.r only: never read
+    qkv = torch.stack([query, key if key is not None else unused_key, value], 1)
+    qkv = qkv.permute(0, 4, 5, 1, 2, 3).reshape(batch, height * width, 3 * heads * dim)
+    out = onnx_graph.packed_forward(qkv, heads, (height, width), key is not None, rel_row,
+                                    rel_col, case[2], case[3])
+    want = local_attention_reference(query, key, value, case[2], case[3], rel_row, rel_col)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
 def test_neighbour_tables():
     rows = onnx_graph.AxisBlocks(5, 4, 3, 2)  # 3 taps at -2, 0, +2
     assert (rows.before, rows.halo, rows.blocks) == (2, 8, 2)
@@ -132,6 +147,36 @@ def test_standard_graph_in_onnxruntime(case, tmp_path):
     want = local_attention_reference(query, key, value, window, dilation, rel_row, rel_col)
     np.testing.assert_allclose(_run(session, query, key, value), want.numpy(), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize('encoding,logits,stride,dynamic', [
+    ('relative', 'qk+qr', 1, True), ('relative', 'qr', 2, False), ('none', 'qk+qr', 1, False),
+    ('absolute', 'qk+qr', 1, False)])
+def test_attention_layer_standard_export_matches_pytorch(encoding, logits, stride, dynamic,
+                                                         tmp_path):
+    """A layer exported with the standard graph: its projection packed (no
+    Split or Squeeze; 'absolute' changes the key after the projection and
+    takes the per-tensor path), the layer's numbers in onnxruntime."""
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(8, 12, 5, stride=stride, num_heads=3,
+                                 position_encoding=encoding, logits=logits).eval()
+    x = torch.randn(2, 8, 9, 11)
+    path = str(tmp_path / 'layer.onnx')
+    with torch.no_grad(), onnx_graph.export_graph('onnx', dynamic=dynamic):
+        torch.onnx.export(layer, (x, ), path, input_names=['x'], output_names=['out'],
+                          opset_version=17, dynamo=False,
+                          dynamic_axes={'x': {0: 'b', 2: 'h', 3: 'w'}} if dynamic else None)
+    ops = [node.op_type for node in onnx.load(path).graph.node]
+    packed = encoding != 'absolute'
+    assert packed == ('Split' not in ops and 'Squeeze' not in ops)
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    sizes = [(9, 11), (6, 13)] if dynamic else [(9, 11)]
+    for height, width in sizes:
+        x = torch.randn(2, 8, height, width)
+        with torch.no_grad():
+            want = layer(x).numpy()
+        np.testing.assert_allclose(session.run(None, {'x': x.numpy()})[0], want, rtol=1e-5,
+                                   atol=1e-5)
 
 
 needs_library = pytest.mark.skipif(

@@ -11,12 +11,17 @@ block's queries together reach a ``(bh + kh' - 1) x (bw + kw' - 1)`` halo of
 keys (kh', kw': the dilated window's extent), so
 
 - one Gather per tensor collects the query blocks and the key and value
-  halos (rows of D channels, pixel-major; positions outside the image are
-  clamped to its border and masked);
-- the logits are two batched MatMuls per layer: q.k, ``(bh*bw, D) @ (D,
-  halo)`` per block, plus each query's terms per halo row and per halo
-  column -- its q.r terms (two small MatMuls against the relative tables laid
-  out per halo row and column, parameters only: folded at export) and the
+  halos, for every head at once, from the map as rows of D channels,
+  pixel-major (positions outside the image are clamped to its border and
+  masked). A layer's own export (``LocalSelfAttention2d``) hands over its
+  whole projection as one pixel-major MatMul, ``(B, H * W, 3 * N * D)``,
+  and the three Gathers read q, k and v out of it in place
+  (:func:`packed_forward`): no Split, Squeezes or Transposes between them;
+- the logits are q.k, a batched MatMul ``(bh*bw, D) @ (D, halo)`` per
+  block and head, plus each query's terms per halo row and per halo
+  column -- its q.r terms (one MatMul per head and in-block position
+  against the relative tables laid out per halo row and column,
+  :func:`relative_terms_table`, parameters only: folded at export) and the
   mask's bias (:data:`MASKED` for a halo row or column outside the query's
   window or the image, else 0) -- spread over the halo by a constant one-hot
   ``(halo_h + halo_w, halo)``. Keys outside the window get softmax weight
@@ -42,9 +47,10 @@ the PyTorch backend's forward, one Slice/Mul/ReduceSum chain per window tap
 (the standard graph before this one, kept to compare against).
 """
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import pytorch
@@ -139,12 +145,27 @@ def _flat_index(rows: Tensor, cols: Tensor, height, width) -> Tensor:
     return rows[:, None, :, None] * width + cols[None, :, None, :]
 
 
-def relative_halo_table(table: Tensor, axis: AxisBlocks) -> Tensor:
-    """A relative table ``(k, N, Dr)`` laid out per block query and halo
-    key along its axis: ``(N, block, Dr, halo)``, zero outside the window."""
-    padded = torch.cat([table, table.new_zeros(1, *table.shape[1:])])  # (k + 1, N, Dr)
-    halo = padded[axis.taps().to(table.device)]  # (block, halo, N, Dr)
-    return halo.permute(2, 0, 3, 1)
+def relative_terms_table(rel_row: Tensor, rel_col: Tensor, rows: AxisBlocks,
+                         cols: AxisBlocks) -> Tensor:
+    """The relative tables ``(kh, N, Dr)``, ``(kw, N, Dc)`` laid out per
+    in-block query and per halo row, then halo column: ``(N, bh * bw, Dr +
+    Dc, halo_h + halo_w)``; the query's first Dr channels meet the row part,
+    the others the column part; zero elsewhere and outside the window."""
+    # The tap of each (query row i, query column j, halo row or column a),
+    # the table's zero row where there is none.
+    row_taps = torch.cat([rows.taps(), torch.full((rows.block, cols.halo), rows.window)], 1)
+    col_taps = torch.cat([torch.full((cols.block, rows.halo), cols.window), cols.taps()], 1)
+    row_taps = row_taps[:, None].expand(-1, cols.block, -1)  # (bh, bw, halo_h + halo_w)
+    col_taps = col_taps[None].expand(rows.block, -1, -1)
+    terms = torch.cat([_zero_padded(rel_row)[row_taps.to(rel_row.device)],
+                       _zero_padded(rel_col)[col_taps.to(rel_col.device)]], dim=-1)
+    heads, dim = terms.shape[-2:]  # terms: (bh, bw, halo_h + halo_w, N, D)
+    return terms.permute(3, 0, 1, 4, 2).reshape(heads, rows.block * cols.block, dim, -1)
+
+
+def _zero_padded(table: Tensor) -> Tensor:
+    """``(k, N, Dr)`` and a zero row after it: ``(k + 1, N, Dr)``."""
+    return torch.cat([table, table.new_zeros(1, *table.shape[1:])])
 
 
 def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -173,11 +194,78 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
         >>> forward(q, k, v, None, None, (3, 3), (1, 1))[0].shape
         torch.Size([1, 2, 4, 5, 6])
     """
-    window, dilation = tuple(window), tuple(dilation)
     dtype = torch.promote_types(value.dtype, torch.float32)
-    device = query.device
     batch, heads, _, height, width = query.shape
-    heads = int(heads)  # never a dynamic axis
+
+    def pixel_rows(x: Optional[Tensor]) -> Optional[PixelRows]:
+        # (B, N, D, H, W) -> rows of D channels, pixel-major: (B, H * W * N, D)
+        if x is None:
+            return None
+        x = _cast(x, dtype).reshape(batch, heads, x.shape[2], -1).permute(0, 3, 1, 2)
+        return PixelRows(x.reshape(batch, -1, x.shape[-1]), heads, 0)
+
+    out = _attend(pixel_rows(query), pixel_rows(key), pixel_rows(value), int(heads),
+                  (height, width), rel_row, rel_col, window, dilation)
+    return _cast(out, value.dtype), out.new_empty(0)
+
+
+def packed_forward(qkv: Tensor, heads: int, size, with_key: bool,
+                   rel_row: Optional[Tensor], rel_col: Optional[Tensor], window,
+                   dilation) -> Tensor:
+    """:func:`forward` reading q, k and v from a layer's whole projection
+    in pixel-major order, as one buffer: each Gather picks its rows out of
+    it, with no split, squeezes or per-tensor transposes in the graph.
+
+    Args:
+        qkv (Tensor): ``(B, H * W, 3 * N * D)``: per pixel q, k, v, each
+            ``(N, D)`` (key unused without ``with_key``).
+        heads (int): N.
+        size (tuple): ``(H, W)``.
+        with_key (bool): Whether the logits have a q.k term.
+        rel_row, rel_col, window, dilation: as for :func:`forward`.
+
+    Returns:
+        Tensor: ``(B, N, D, H, W)`` in qkv's dtype.
+
+    Example:
+        >>> qkv = torch.rand(1, 5 * 6, 3 * 2 * 4)
+        >>> packed_forward(qkv, 2, (5, 6), True, None, None, (3, 3), (1, 1)).shape
+        torch.Size([1, 2, 4, 5, 6])
+    """
+    dtype = torch.promote_types(qkv.dtype, torch.float32)
+    batch, _, channels = qkv.shape
+    rows = _cast(qkv, dtype).reshape(batch, -1, channels // (3 * heads))  # (B, H*W*3N, D)
+    out = _attend(PixelRows(rows, 3 * heads, 0), PixelRows(rows, 3 * heads, heads) if with_key
+                  else None, PixelRows(rows, 3 * heads, 2 * heads), heads, size, rel_row,
+                  rel_col, window, dilation)
+    return _cast(out, qkv.dtype)
+
+
+class PixelRows(NamedTuple):
+    """A map as rows of channels, pixel-major: head ``n`` of pixel ``p`` is
+    row ``p * per_pixel + first + n`` of ``rows`` ``(B, pixels * per_pixel,
+    D)``."""
+    rows: Tensor
+    per_pixel: int
+    first: int
+
+    def blocks(self, pixel_index: Tensor, heads: int, length: int) -> Tensor:
+        """``(B, N, blocks, length, D)``: the rows of ``pixel_index``
+        ``(blocks * length,)`` for every head, in one Gather."""
+        heads_of = torch.arange(heads, device=pixel_index.device)[:, None, None] + self.first
+        index = pixel_index.reshape(1, -1, length) * self.per_pixel + heads_of
+        return self.rows[:, index]  # a Gather of index (N, blocks, length)
+
+
+def _attend(query: PixelRows, key: Optional[PixelRows], value: PixelRows, heads: int,
+            size, rel_row: Optional[Tensor], rel_col: Optional[Tensor], window,
+            dilation) -> Tensor:
+    """The graph of :func:`forward` on pixel rows: ``(B, N, Dv, H, W)``."""
+    window, dilation = tuple(window), tuple(dilation)
+    dtype = query.rows.dtype
+    device = query.rows.device
+    batch = query.rows.shape[0]
+    height, width = size
     if torch.onnx.is_in_onnx_export() and not _STATE['dynamic']:
         # constants: the indices fold, the reshapes need no shape arithmetic
         batch, height, width = int(batch), int(height), int(width)
@@ -185,7 +273,6 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
     cols = AxisBlocks(width, min(BLOCK, int(width)), window[1], dilation[1])
     blocks = rows.blocks * cols.blocks
     block_size, halo = rows.block * cols.block, rows.halo * cols.halo
-
     # Gather indices: (blocks * block_size,) queries, (blocks * halo,) keys.
     query_index = _flat_index(rows.query_positions(device), cols.query_positions(device),
                               height, width).reshape(-1)
@@ -208,64 +295,49 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
                    ((key_cols >= 0) & (key_cols < width))[:, None, :])
     masked = torch.tensor(MASKED, dtype=dtype, device=device)
     zero = torch.tensor(0.0, dtype=dtype, device=device)
-    # (row blocks, 1, bh, 1, halo_h) and (1, col blocks, 1, bw, halo_w)
-    row_bias = torch.where(row_allowed, zero, masked)[:, None, :, None, :]
-    col_bias = torch.where(col_allowed, zero, masked)[None, :, None, :, :]
+    # (row blocks, 1, bh, 1, halo_h + halo_w) and (1, col blocks, 1, bw, halo_h
+    # + halo_w): the row part, then the column part, the other part 0.
+    row_bias = torch.where(row_allowed, zero, masked)
+    col_bias = torch.where(col_allowed, zero, masked)
+    row_bias = F.pad(row_bias, (0, cols.halo))[:, None, :, None, :]
+    col_bias = F.pad(col_bias, (rows.halo, 0))[None, :, None, :, :]
 
-    def blocks_of(x: Tensor, index: Tensor, length: int) -> Tensor:
-        # (B, N, D, H, W) -> (B, N, blocks, length, D)
-        x = _cast(x, dtype).reshape(batch, heads, -1, height * width).transpose(-1, -2)
-        return x.index_select(2, index).reshape(batch, heads, blocks, length, -1)
-
-    queries = blocks_of(query, query_index, block_size)  # (B, N, blocks, bh * bw, D)
-    grid_shape = (batch, heads, rows.blocks, cols.blocks, rows.block, cols.block)
+    queries = query.blocks(query_index, heads, block_size)  # (B, N, blocks, bh * bw, D)
     # Per query, the logit terms that depend on the key's halo row only and
-    # on its column only: q.r (if any) plus the mask's bias.
-    row_terms = row_bias.expand(*grid_shape, rows.halo)  # (B, N, Bh, Bw, bh, bw, halo_h)
-    col_terms = col_bias.expand(*grid_shape, cols.halo)
+    # on its column only, (.., bh * bw, halo_h + halo_w): q.r (if any) plus
+    # the mask's bias.
     if rel_row is not None:
-        dim_row = rel_row.shape[-1]
-        grid = queries.reshape(*grid_shape, -1)  # (B, N, Bh, Bw, bh, bw, D)
-        grid_row, grid_col = grid.split([dim_row, grid.shape[-1] - dim_row], dim=-1)
-        table_row = relative_halo_table(_cast(rel_row, dtype), rows)  # (N, bh, Dr, halo_h)
-        table_col = relative_halo_table(_cast(rel_col, dtype), cols)  # (N, bw, Dc, halo_w)
-        # One matrix product per head and in-block row (column): the query
-        # grid goes (N, bh, B * Bh * Bw * bw, Dr) and meets that row's table
-        # (N, bh, Dr, halo_h); a few large products, not one per block row.
-        grid_row = grid_row.permute(1, 4, 0, 2, 3, 5, 6).reshape(heads, rows.block, -1,
-                                                                 dim_row)
-        row_terms = torch.matmul(grid_row, table_row)  # (N, bh, B * Bh * Bw * bw, halo_h)
-        row_terms = row_terms.reshape(heads, rows.block, batch, rows.blocks, cols.blocks,
-                                      cols.block, rows.halo)
-        row_terms = row_terms.permute(2, 0, 3, 4, 1, 5, 6) + row_bias
-        grid_col = grid_col.permute(1, 5, 0, 2, 3, 4, 6).reshape(heads, cols.block, -1,
-                                                                 grid_col.shape[-1])
-        col_terms = torch.matmul(grid_col, table_col)  # (N, bw, B * Bh * Bw * bh, halo_w)
-        col_terms = col_terms.reshape(heads, cols.block, batch, rows.blocks, cols.blocks,
-                                      rows.block, cols.halo)
-        col_terms = col_terms.permute(2, 0, 3, 4, 5, 1, 6) + col_bias
-    # The row and column terms reach each halo key through a one-hot of its
-    # halo row and column: (.., bh * bw, halo_h + halo_w) @ (halo_h + halo_w,
-    # halo), a small constant that the MatMul broadcasts over the blocks.
+        # One matrix product per head and in-block position: the queries go
+        # (N, bh * bw, B * blocks, D) and meet that position's tables
+        # (N, bh * bw, D, halo_h + halo_w); a few large products.
+        table = relative_terms_table(_cast(rel_row, dtype), _cast(rel_col, dtype), rows, cols)
+        grid = queries.permute(1, 3, 0, 2, 4).reshape(heads, block_size, -1, table.shape[-2])
+        terms = torch.matmul(grid, table)  # (N, bh * bw, B * blocks, halo_h + halo_w)
+        terms = terms.reshape(heads, rows.block, cols.block, batch, rows.blocks, cols.blocks, -1)
+        terms = terms + row_bias.permute(2, 3, 0, 1, 4)[:, :, None]  # (bh, 1, 1, Bh, 1, ..)
+        terms = terms + col_bias.permute(2, 3, 0, 1, 4)[:, :, None]  # (1, bw, 1, 1, Bw, ..)
+        terms = terms.permute(3, 0, 4, 5, 1, 2, 6).reshape(batch, heads, blocks, block_size, -1)
+    else:
+        terms = (row_bias + col_bias).reshape(blocks, block_size, -1)
+    # The terms reach each halo key through a one-hot of its halo row and
+    # column: (.., bh * bw, halo_h + halo_w) @ (halo_h + halo_w, halo), a
+    # small constant that the MatMul broadcasts over the blocks.
     halo_rows = torch.arange(halo, device=device) // cols.halo
     halo_cols = torch.arange(halo, device=device) % cols.halo
     one_hot = torch.cat([
         (torch.arange(rows.halo, device=device)[:, None] == halo_rows[None]),
         (torch.arange(cols.halo, device=device)[:, None] == halo_cols[None])], dim=0)
-    terms = torch.cat([row_terms.reshape(batch, heads, blocks, block_size, rows.halo),
-                       col_terms.reshape(batch, heads, blocks, block_size, cols.halo)], dim=-1)
     logits = torch.matmul(terms, one_hot.to(dtype))  # (B, N, blocks, bh * bw, halo)
     if key is not None:
-        keys = blocks_of(key, key_index, halo)  # (B, N, blocks, halo, D)
+        keys = key.blocks(key_index, heads, halo)  # (B, N, blocks, halo, D)
         logits = torch.matmul(queries, keys.transpose(-1, -2)) + logits
     attn = logits.softmax(dim=-1)
 
-    values = blocks_of(value, key_index, halo)  # (B, N, blocks, halo, Dv)
+    values = value.blocks(key_index, heads, halo)  # (B, N, blocks, halo, Dv)
     out = torch.matmul(attn, values)  # (B, N, blocks, bh * bw, Dv)
     out = out.reshape(batch, heads, blocks * block_size, -1)
     out = out.index_select(2, pixel_index)  # (B, N, H * W, Dv)
-    out = out.transpose(-1, -2).reshape(batch, heads, -1, height, width)
-    return _cast(out, value.dtype), attn.new_empty(0)
+    return out.transpose(-1, -2).reshape(batch, heads, -1, height, width)
 
 
 def export_forward(query: Tensor, key: Optional[Tensor], value: Tensor,
