@@ -355,8 +355,8 @@ class LocalSelfAttention2d(nn.Module):
         return out
 
     def _project_and_attend(self, x: Tensor, recompute_attention: bool) -> Tensor:
-        if self._exports_packed_graph():
-            out = self._attend_packed(x)
+        if self._exports_pixel_rows():
+            out = self._attend_pixel_rows(x)
         else:
             query, key, value = self.project(x)
             out = self.attend(query, key, value, recompute_attention)
@@ -365,26 +365,31 @@ class LocalSelfAttention2d(nn.Module):
             out = average_pool_ceil(out, self.stride)
         return out
 
-    def _exports_packed_graph(self) -> bool:
+    def _exports_pixel_rows(self) -> bool:
         """Whether an ONNX export records this layer's standard-operator
-        graph from its whole projection (:meth:`_attend_packed`): this
-        class's projection, and a key that nothing changes after it."""
+        graph from projections in its Gathers' layout
+        (:meth:`_attend_pixel_rows`): this class's projection, and a key that
+        nothing changes after it."""
         return (torch.onnx.is_in_onnx_export() and onnx_graph.current_graph() == 'onnx'
                 and type(self).project is LocalSelfAttention2d.project
                 and self.position_encoding != 'absolute' and self.impl != 'reference')
 
-    def _attend_packed(self, x: Tensor) -> Tensor:
-        """What :meth:`attend` of :meth:`project` computes, as
-        ``onnx_graph.packed_forward`` on the projection in pixel-major order
-        (one matrix product; its gathers read q, k and v from it in place)."""
+    def _attend_pixel_rows(self, x: Tensor) -> Tensor:
+        """What :meth:`attend` of :meth:`project` computes, with q, k and v
+        projected straight into each head's pixel rows ``(B, N, H * W, D)``
+        (``onnx_graph.attend_rows``): one MatMul each, batched over the heads."""
         height, width = x.shape[-2:]
-        qkv = torch.matmul(x.flatten(2).transpose(1, 2), self.qkv_weight.t())  # (B, H*W, 3C)
+        pixels = x.flatten(2).transpose(1, 2)[:, None]  # (B, 1, H * W, C_in)
+        weights = self.qkv_weight.view(3, self.num_heads, self.head_channels, -1)
+        query, key, value = (torch.matmul(pixels, w.transpose(-1, -2)) for w in weights)
         rel_row = rel_col = None
         if self.position_encoding == 'relative':
             rel_row, rel_col = self.rel_row, self.rel_col
-        with_key = not (self.position_encoding == 'relative' and self.logits == 'qr')
-        return onnx_graph.packed_forward(qkv, self.num_heads, (height, width), with_key,
-                                         rel_row, rel_col, self.window_size, self.dilation)
+            if self.logits == 'qr':
+                key = None
+        out = onnx_graph.attend_rows(query, key, value, (height, width), rel_row, rel_col,
+                                     self.window_size, self.dilation)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _logit_terms(self, query: Tensor, key: Tensor) -> Tuple[Optional[Tensor], ...]:
         """The key and relative tables the logits are made of, for this

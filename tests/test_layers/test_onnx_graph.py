@@ -52,16 +52,17 @@ def test_standard_graph_equals_reference(case):
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('case', [c for c in CASES if c[4] == c[5]])  # one projection: D == Dv
-def test_packed_standard_graph_equals_reference(case):
-    """packed_forward reads q, k and v out of one pixel-major projection."""
+@pytest.mark.parametrize('case', CASES)
+def test_standard_graph_on_pixel_rows_equals_reference(case):
+    """attend_rows: the maps as each head's pixels in rows of channels."""
     query, key, value, rel_row, rel_col = _inputs(case, torch.float64)
-    batch, heads, dim, height, width = query.shape
-    unused_key = torch.full_like(query, float('nan'))  # q.r only: never read
-    qkv = torch.stack([query, key if key is not None else unused_key, value], 1)
-    qkv = qkv.permute(0, 4, 5, 1, 2, 3).reshape(batch, height * width, 3 * heads * dim)
-    out = onnx_graph.packed_forward(qkv, heads, (height, width), key is not None, rel_row,
-                                    rel_col, case[2], case[3])
+    height, width = query.shape[-2:]
+
+    def rows(x):
+        return None if x is None else x.flatten(3).transpose(-1, -2).contiguous()
+
+    out = onnx_graph.attend_rows(rows(query), rows(key), rows(value), (height, width), rel_row,
+                                 rel_col, case[2], case[3])
     want = local_attention_reference(query, key, value, case[2], case[3], rel_row, rel_col)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
@@ -154,9 +155,10 @@ def test_standard_graph_in_onnxruntime(case, tmp_path):
     ('absolute', 'qk+qr', 1, False)])
 def test_attention_layer_standard_export_matches_pytorch(encoding, logits, stride, dynamic,
                                                          tmp_path):
-    """A layer exported with the standard graph: its projection packed (no
-    Split or Squeeze; 'absolute' changes the key after the projection and
-    takes the per-tensor path), the layer's numbers in onnxruntime."""
+    """A layer exported with the standard graph: q, k and v projected
+    straight into pixel rows, which the Gathers read ('absolute' changes the
+    key after the projection and takes the planar path), the layer's
+    numbers in onnxruntime."""
     torch.manual_seed(0)
     layer = LocalSelfAttention2d(8, 12, 5, stride=stride, num_heads=3,
                                  position_encoding=encoding, logits=logits).eval()
@@ -166,9 +168,17 @@ def test_attention_layer_standard_export_matches_pytorch(encoding, logits, strid
         torch.onnx.export(layer, (x, ), path, input_names=['x'], output_names=['out'],
                           opset_version=17, dynamo=False,
                           dynamic_axes={'x': {0: 'b', 2: 'h', 3: 'w'}} if dynamic else None)
-    ops = [node.op_type for node in onnx.load(path).graph.node]
-    packed = encoding != 'absolute'
-    assert packed == ('Split' not in ops and 'Squeeze' not in ops)
+    nodes = onnx.load(path).graph.node
+    readers = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    # MatMuls whose output only Gathers read (and Shape, with dynamic axes):
+    # the projections, straight into pixel rows
+    projections = [n for n in nodes
+                   if n.op_type == 'MatMul' and readers[n.output[0]] <= {'Gather', 'Shape'}]
+    assert len(projections) == {'absolute': 0, 'relative': 3 if logits == 'qk+qr' else 2,
+                                'none': 3}[encoding]
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     sizes = [(9, 11), (6, 13)] if dynamic else [(9, 11)]
     for height, width in sizes:

@@ -11,12 +11,11 @@ block's queries together reach a ``(bh + kh' - 1) x (bw + kw' - 1)`` halo of
 keys (kh', kw': the dilated window's extent), so
 
 - one Gather per tensor collects the query blocks and the key and value
-  halos, for every head at once, from the map as rows of D channels,
-  pixel-major (positions outside the image are clamped to its border and
-  masked). A layer's own export (``LocalSelfAttention2d``) hands over its
-  whole projection as one pixel-major MatMul, ``(B, H * W, 3 * N * D)``,
-  and the three Gathers read q, k and v out of it in place
-  (:func:`packed_forward`): no Split, Squeezes or Transposes between them;
+  halos from each head's pixels as rows of D channels (positions outside
+  the image are clamped to its border and masked). A layer's own export
+  (``LocalSelfAttention2d``) computes q, k and v straight into that layout,
+  one MatMul each batched over the heads (:func:`attend_rows`): no Split,
+  Squeezes or Transposes before the Gathers;
 - the logits are q.k, a batched MatMul ``(bh*bw, D) @ (D, halo)`` per
   block and head, plus each query's terms per halo row and per halo
   column -- its q.r terms (one MatMul per head and in-block position
@@ -47,7 +46,7 @@ the PyTorch backend's forward, one Slice/Mul/ReduceSum chain per window tap
 (the standard graph before this one, kept to compare against).
 """
 import contextlib
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -197,74 +196,61 @@ def forward(query: Tensor, key: Optional[Tensor], value: Tensor,
     dtype = torch.promote_types(value.dtype, torch.float32)
     batch, heads, _, height, width = query.shape
 
-    def pixel_rows(x: Optional[Tensor]) -> Optional[PixelRows]:
-        # (B, N, D, H, W) -> rows of D channels, pixel-major: (B, H * W * N, D)
+    def pixel_rows(x: Optional[Tensor]) -> Optional[Tensor]:
+        # (B, N, D, H, W) -> each head's pixels as rows of D channels: (B, N, H * W, D)
         if x is None:
             return None
-        x = _cast(x, dtype).reshape(batch, heads, x.shape[2], -1).permute(0, 3, 1, 2)
-        return PixelRows(x.reshape(batch, -1, x.shape[-1]), heads, 0)
+        return _cast(x, dtype).reshape(batch, heads, x.shape[2], -1).transpose(-1, -2)
 
-    out = _attend(pixel_rows(query), pixel_rows(key), pixel_rows(value), int(heads),
-                  (height, width), rel_row, rel_col, window, dilation)
+    out = _attend(pixel_rows(query), pixel_rows(key), pixel_rows(value), (height, width),
+                  rel_row, rel_col, window, dilation)
     return _cast(out, value.dtype), out.new_empty(0)
 
 
-def packed_forward(qkv: Tensor, heads: int, size, with_key: bool,
-                   rel_row: Optional[Tensor], rel_col: Optional[Tensor], window,
-                   dilation) -> Tensor:
-    """:func:`forward` reading q, k and v from a layer's whole projection
-    in pixel-major order, as one buffer: each Gather picks its rows out of
-    it, with no split, squeezes or per-tensor transposes in the graph.
+def attend_rows(query: Tensor, key: Optional[Tensor], value: Tensor, size,
+                rel_row: Optional[Tensor], rel_col: Optional[Tensor], window,
+                dilation) -> Tensor:
+    """:func:`forward` on maps given as each head's pixels in rows of
+    channels, the layout its Gathers read: a layer's export computes its
+    projections straight into it (one MatMul per tensor, batched over the
+    heads), with no Split, Squeezes or Transposes before the Gathers.
 
     Args:
-        qkv (Tensor): ``(B, H * W, 3 * N * D)``: per pixel q, k, v, each
-            ``(N, D)`` (key unused without ``with_key``).
-        heads (int): N.
+        query, key (Tensor): ``(B, N, H * W, D)``, row-major pixels; key may
+            be None (q.r only).
+        value (Tensor): ``(B, N, H * W, Dv)``.
         size (tuple): ``(H, W)``.
-        with_key (bool): Whether the logits have a q.k term.
         rel_row, rel_col, window, dilation: as for :func:`forward`.
 
     Returns:
-        Tensor: ``(B, N, D, H, W)`` in qkv's dtype.
+        Tensor: ``(B, N, Dv, H, W)``, in float32 or wider.
 
     Example:
-        >>> qkv = torch.rand(1, 5 * 6, 3 * 2 * 4)
-        >>> packed_forward(qkv, 2, (5, 6), True, None, None, (3, 3), (1, 1)).shape
+        >>> q = k = v = torch.rand(1, 2, 5 * 6, 4)
+        >>> attend_rows(q, k, v, (5, 6), None, None, (3, 3), (1, 1)).shape
         torch.Size([1, 2, 4, 5, 6])
     """
-    dtype = torch.promote_types(qkv.dtype, torch.float32)
-    batch, _, channels = qkv.shape
-    rows = _cast(qkv, dtype).reshape(batch, -1, channels // (3 * heads))  # (B, H*W*3N, D)
-    out = _attend(PixelRows(rows, 3 * heads, 0), PixelRows(rows, 3 * heads, heads) if with_key
-                  else None, PixelRows(rows, 3 * heads, 2 * heads), heads, size, rel_row,
-                  rel_col, window, dilation)
-    return _cast(out, qkv.dtype)
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    query, value = _cast(query, dtype), _cast(value, dtype)
+    key = None if key is None else _cast(key, dtype)
+    return _attend(query, key, value, size, rel_row, rel_col, window, dilation)
 
 
-class PixelRows(NamedTuple):
-    """A map as rows of channels, pixel-major: head ``n`` of pixel ``p`` is
-    row ``p * per_pixel + first + n`` of ``rows`` ``(B, pixels * per_pixel,
-    D)``."""
-    rows: Tensor
-    per_pixel: int
-    first: int
-
-    def blocks(self, pixel_index: Tensor, heads: int, length: int) -> Tensor:
-        """``(B, N, blocks, length, D)``: the rows of ``pixel_index``
-        ``(blocks * length,)`` for every head, in one Gather."""
-        heads_of = torch.arange(heads, device=pixel_index.device)[:, None, None] + self.first
-        index = pixel_index.reshape(1, -1, length) * self.per_pixel + heads_of
-        return self.rows[:, index]  # a Gather of index (N, blocks, length)
+def _blocks(rows: Tensor, pixel_index: Tensor, length: int) -> Tensor:
+    """``(B, N, blocks, length, D)``: the rows ``(B, N, H * W, D)`` of the
+    pixels ``pixel_index`` ``(blocks * length,)``, in one Gather."""
+    return rows[:, :, pixel_index.reshape(-1, length)]
 
 
-def _attend(query: PixelRows, key: Optional[PixelRows], value: PixelRows, heads: int,
-            size, rel_row: Optional[Tensor], rel_col: Optional[Tensor], window,
+def _attend(query: Tensor, key: Optional[Tensor], value: Tensor, size,
+            rel_row: Optional[Tensor], rel_col: Optional[Tensor], window,
             dilation) -> Tensor:
-    """The graph of :func:`forward` on pixel rows: ``(B, N, Dv, H, W)``."""
+    """The graph of :func:`forward` on each head's pixel rows ``(B, N, H *
+    W, D)``: ``(B, N, Dv, H, W)``."""
     window, dilation = tuple(window), tuple(dilation)
-    dtype = query.rows.dtype
-    device = query.rows.device
-    batch = query.rows.shape[0]
+    dtype, device = query.dtype, query.device
+    batch, heads = query.shape[:2]
+    heads = int(heads)  # never a dynamic axis
     height, width = size
     if torch.onnx.is_in_onnx_export() and not _STATE['dynamic']:
         # constants: the indices fold, the reshapes need no shape arithmetic
@@ -302,7 +288,7 @@ def _attend(query: PixelRows, key: Optional[PixelRows], value: PixelRows, heads:
     row_bias = F.pad(row_bias, (0, cols.halo))[:, None, :, None, :]
     col_bias = F.pad(col_bias, (rows.halo, 0))[None, :, None, :, :]
 
-    queries = query.blocks(query_index, heads, block_size)  # (B, N, blocks, bh * bw, D)
+    queries = _blocks(query, query_index, block_size)  # (B, N, blocks, bh * bw, D)
     # Per query, the logit terms that depend on the key's halo row only and
     # on its column only, (.., bh * bw, halo_h + halo_w): q.r (if any) plus
     # the mask's bias.
@@ -329,11 +315,11 @@ def _attend(query: PixelRows, key: Optional[PixelRows], value: PixelRows, heads:
         (torch.arange(cols.halo, device=device)[:, None] == halo_cols[None])], dim=0)
     logits = torch.matmul(terms, one_hot.to(dtype))  # (B, N, blocks, bh * bw, halo)
     if key is not None:
-        keys = key.blocks(key_index, heads, halo)  # (B, N, blocks, halo, D)
+        keys = _blocks(key, key_index, halo)  # (B, N, blocks, halo, D)
         logits = torch.matmul(queries, keys.transpose(-1, -2)) + logits
     attn = logits.softmax(dim=-1)
 
-    values = value.blocks(key_index, heads, halo)  # (B, N, blocks, halo, Dv)
+    values = _blocks(value, key_index, halo)  # (B, N, blocks, halo, Dv)
     out = torch.matmul(attn, values)  # (B, N, blocks, bh * bw, Dv)
     out = out.reshape(batch, heads, blocks * block_size, -1)
     out = out.index_select(2, pixel_index)  # (B, N, H * W, Dv)
