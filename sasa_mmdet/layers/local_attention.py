@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention_weights import local_attention_weights
 from .backends import onnx_graph
-from .local_attention_ops import local_attention, local_attention_reference, split_projections
+from .local_attention_ops import (channels_last_projection, local_attention,
+                                  local_attention_reference, split_projections)
 
 POSITION_ENCODINGS = ('relative', 'absolute', 'none')
 LOGITS = ('qk+qr', 'qr')
@@ -319,21 +320,32 @@ class LocalSelfAttention2d(nn.Module):
         Returns:
             tuple[Tensor]: q, k, v, each ``(B, num_heads, head_channels, H, W)``,
             views into one buffer: channels-last (``(B, H, W, 3, N, D)`` in
-            memory) when ``x`` is, otherwise contiguous.
+            memory) when ``x`` is, or when the Triton kernels will read them
+            (:func:`~.local_attention_ops.channels_last_projection`: 'triton'
+            or 'auto' on CUDA, head widths that are multiples of 8),
+            otherwise contiguous.
         """
         batch, _, height, width = x.shape
+        heads, dim = self.num_heads, self.head_channels
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             # Channels-last in, channels-last q, k, v out (the layout the
             # 'triton' kernels load with vector loads): (B, H, W, 3C).
             qkv = F.linear(x.permute(0, 2, 3, 1), self.qkv_weight)
-            qkv = qkv.view(batch, height, width, 3, self.num_heads, self.head_channels)
-            return split_projections(qkv.permute(0, 3, 4, 5, 1, 2))
-        # A batched matrix product rather than a 1x1 conv2d: neither pass
-        # makes reordered copies of x or of the projection's gradient.
-        weight = self.qkv_weight.expand(batch, -1, -1)
-        qkv = torch.bmm(weight, x.flatten(2))  # (B, 3C, H * W)
-        qkv = qkv.view(batch, 3, self.num_heads, self.head_channels, height, width)
-        return split_projections(qkv)
+        elif channels_last_projection(self.impl, x.device, dim):
+            # Planar in, channels-last q, k, v out, for the 'triton' kernels'
+            # vector loads: x taken as its transpose (B, H * W, C_in), which
+            # the GEMM reads as it lies (F.linear would copy x when the
+            # weight needs a gradient); dx comes back channels-last.
+            weight = self.qkv_weight.t().expand(batch, -1, -1)
+            qkv = torch.bmm(x.flatten(2).transpose(1, 2), weight)  # (B, H * W, 3C)
+        else:
+            # A batched matrix product rather than a 1x1 conv2d: neither pass
+            # makes reordered copies of x or of the projection's gradient.
+            weight = self.qkv_weight.expand(batch, -1, -1)
+            qkv = torch.bmm(weight, x.flatten(2))  # (B, 3C, H * W)
+            return split_projections(qkv.view(batch, 3, heads, dim, height, width))
+        qkv = qkv.view(batch, height, width, 3, heads, dim)
+        return split_projections(qkv.permute(0, 3, 4, 5, 1, 2))  # (B, 3, N, D, H, W)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

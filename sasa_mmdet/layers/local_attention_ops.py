@@ -88,6 +88,21 @@ def check_triton_usable(device: torch.device) -> None:
                          f"TRITON_INTERPRET=1 set before import; got {device.type} tensors")
 
 
+def channels_last_projection(impl: str, device: torch.device, head_dim: int) -> bool:
+    """Whether a layer should project q, k and v channels-last (one ``(B, H,
+    W, 3, N, D)`` buffer) whatever its input's layout: when the Triton
+    kernels will read them (``impl`` 'triton', or 'auto' on CUDA) at a head
+    width they read so, with vector loads (a multiple of the backend's
+    ``VECTOR``). The other backends take planar maps (the CPU kernel is
+    vectorised along rows); an ONNX export records the planar projection."""
+    if impl not in ('auto', 'triton') or not TRITON_INSTALLED or \
+            torch.onnx.is_in_onnx_export():
+        return False
+    if impl == 'auto' and resolve_backend(impl, device) != 'triton':
+        return False
+    return head_dim % triton_backend().VECTOR == 0
+
+
 def _backend_module(backend: str):
     if backend == 'cpp':
         return cpu

@@ -122,6 +122,33 @@ def test_backends_are_chosen_by_device_and_checked():
     assert resolve_backend('auto', torch.device('meta')) == 'torch'
 
 
+def test_projection_is_channels_last_only_for_the_triton_kernels():
+    """q, k, v of a contiguous input are projected channels-last only where
+    the Triton kernels read them, at head widths they vectorise; every
+    other backend keeps the planar projection. Checked on fake CUDA tensors
+    (no GPU needed) and on CPU ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    decide = local_attention_ops.channels_last_projection
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    assert decide('auto', cuda, 32) and decide('triton', cuda, 8)
+    assert decide('triton', cpu, 16)  # interpreted
+    assert not decide('auto', cuda, 12) and not decide('triton', cuda, 4)
+    assert not any(decide(impl, cuda, 32) for impl in ('torch', 'cpp', 'reference'))
+    assert not decide('auto', cpu, 32) and not decide('auto', torch.device('meta'), 32)
+    for impl, channels, expected in (('auto', 16, True), ('auto', 12, False),
+                                     ('torch', 16, False), ('cpp', 16, False)):
+        layer = LocalSelfAttention2d(16, channels, 3, num_heads=2, impl=impl)
+        with FakeTensorMode():
+            layer.qkv_weight = torch.nn.Parameter(torch.empty(3 * channels, 16, device='cuda'))
+            query, key, value = layer.project(torch.empty(2, 16, 5, 7, device='cuda'))
+        triton = local_attention_ops.triton_backend()
+        assert triton.channels_last(query, key, value) == expected, (impl, channels)
+    for impl in ('auto', 'cpp', 'torch', 'reference'):
+        layer = LocalSelfAttention2d(16, 16, 3, num_heads=2, impl=impl)
+        planar = [t.stride()[2:] for t in layer.project(torch.randn(2, 16, 5, 7))]
+        assert planar == [(35, 7, 1)] * 3, impl
+
+
 def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(local_attention_ops, 'TRITON_INTERPRETED', False)
     with pytest.raises(ValueError, match='TRITON_INTERPRET=1'):

@@ -317,6 +317,72 @@ def test_channels_last_layer_equals_reference_and_stays_channels_last():
         _assert_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize('channels,kwargs,vectorised', [
+    (16, dict(), True),
+    (16, dict(stride=2, bias=True), True),
+    (16, dict(with_cp=True), True),
+    (16, dict(position_encoding='absolute'), True),
+    (12, dict(), False),  # head width 6, not a multiple of 8: planar, as before
+])
+def test_contiguous_input_runs_the_channels_last_kernels(channels, kwargs, vectorised,
+                                                         monkeypatch):
+    """A contiguous input at a head width that is a multiple of 8: q, k, v
+    projected channels-last, the kernels' channels-last variant launched,
+    the output left channels-last; outputs and every gradient (x, weights,
+    tables) those of the 'torch' backend and of the same input
+    channels-last."""
+    calls = []
+    for name in triton_backend().KERNELS:
+        kernel = getattr(triton_backend(), name)
+        monkeypatch.setattr(kernel, 'run', _recording(kernel.run, calls))
+    torch.manual_seed(0)
+    layer = LocalSelfAttention2d(16, channels, 3, num_heads=2, impl='triton', **kwargs)
+    ref = LocalSelfAttention2d(16, channels, 3, num_heads=2, impl='torch', **kwargs)
+    ref.load_state_dict(layer.state_dict())
+    layer, ref = layer.to(DEVICE), ref.to(DEVICE)
+    x = torch.randn(2, 16, 7, 9, device=DEVICE)
+    results = []
+    for module, memory_format in ((layer, torch.contiguous_format), (ref, torch.contiguous_format),
+                                  (layer, torch.channels_last)):
+        x_in = x.contiguous(memory_format=memory_format).requires_grad_()
+        out = module(x_in)
+        results.append((out, torch.autograd.grad(out.square().sum(), [x_in, *module.parameters()])))
+        if len(results) == 1:
+            assert calls and {c['CHANNELS_LAST'] for c in calls} == {vectorised}
+            assert out.is_contiguous(memory_format=torch.channels_last) == vectorised
+    (out, grads), *others = results
+    names = ['x'] + [name for name, _ in layer.named_parameters()]
+    for expected, expected_grads in others:
+        _assert_close(out, expected, torch.float32, 'out')
+        for name, got, want in zip(names, grads, expected_grads):
+            _assert_close(got, want, torch.float32, f'grad {name}')
+
+
+def test_projecting_a_contiguous_input_channels_last_copies_nothing():
+    """The projection reads x as its transpose, as it lies (no copy of x,
+    as F.linear's or matmul's folding would make when the weight needs a
+    gradient), and writes q, k, v as one channels-last buffer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layer = LocalSelfAttention2d(16, 32, 3, num_heads=4, impl='triton').to(DEVICE)
+    x = torch.randn(2, 16, 7, 9, device=DEVICE, requires_grad=True)
+    with RecordOps() as record:
+        query, key, value = layer.project(x)
+    assert triton_backend().channels_last(query, key, value)
+    assert 'bmm.default' in record.ops
+    assert not [op for op in record.ops if 'copy' in op or 'clone' in op], record.ops
+
+
 @pytest.mark.parametrize('kwargs', [
     dict(stride=2),
     dict(position_encoding='absolute'),

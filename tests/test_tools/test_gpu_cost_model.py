@@ -237,9 +237,11 @@ def test_compile_check_refuses_bad_arguments(args, message):
 def test_layer_kernels_compile_for_sm90_without_spills(tmp_path):
     """What CI compiles: the layer's launches at a head width of 16 and a
     width divisible by 16 and one not, planar and channels-last, for sm_90,
-    exactly specialised; channels-last q, k, v are read with 128-bit loads."""
+    exactly specialised; channels-last q, k, v are read with 128-bit loads,
+    and a contiguous input gets the same kernels as a channels-last one."""
     proc = _tool('check_triton_kernels.py', '--layers', 'sasa', '--arch', '90', '--head-dims',
                  '16', '--dtypes', 'bfloat16', '--logits', 'qk+qr', '--sizes', '12x16', '12x20',
+                 '--memory-formats', 'contiguous', 'channels_last', 'planar',
                  '--json', str(tmp_path / 'kernels.json'))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert '0 compile errors, 0 with register spills' in proc.stdout
@@ -249,9 +251,12 @@ def test_layer_kernels_compile_for_sm90_without_spills(tmp_path):
     assert {r['phase'] for r in rows} == {'forward', 'backward'}
     assert all(r['registers'] > 0 and r['spill_bytes'] == 0 for r in rows)
     assert {r['layer'] for r in rows} == {'sasa'}
-    assert {r['memory_format'] for r in rows} == {'contiguous', 'channels_last'}
-    assert all(r['load_bits'][0] == 128 for r in rows if r['memory_format'] == 'channels_last')
-    assert all(r['load_bits'][0] < 128 for r in rows if r['memory_format'] == 'contiguous')
+    variants = {memory_format: [r['variant'] for r in rows if r['memory_format'] == memory_format]
+                for memory_format in ('contiguous', 'channels_last', 'planar')}
+    assert variants['contiguous'] == variants['channels_last']
+    assert not set(variants['planar']) & set(variants['channels_last'])
+    assert all(r['load_bits'][0] == 128 for r in rows if r['memory_format'] != 'planar')
+    assert all(r['load_bits'][0] < 128 for r in rows if r['memory_format'] == 'planar')
 
 
 SAN_KERNELS = {'_aggregation_fwd', '_aggregation_bwd_weight', '_aggregation_bwd_value',

@@ -5,7 +5,7 @@ memory.
     python tools/analysis_tools/check_triton_kernels.py [--layers sasa san]
         [--arch 80 90] [--dtypes tf32 bfloat16 float16 float32] [--sizes 20x32 20x36]
         [--head-dims 8 16 32 64 128] [--logits qk+qr qr qk]     # SASA's
-        [--memory-formats contiguous channels_last]
+        [--memory-formats channels_last planar contiguous]
         [--san-layers pairwise patchwise] [--borders reflect mask]  # SAN's
         [--json FILE]
 
@@ -14,8 +14,12 @@ but the interpreter accepts programs that a GPU build rejects (e.g.
 ``tl.dot`` shapes under 16), and it says nothing of registers or spills.
 
 How: for each configuration (head width x logits x input dtype x map size x
-the input's memory format: contiguous gives planar q/k/v, channels_last
-channels-last ones, which the kernels read with vector loads) the layer
+the input's memory format: channels_last gives channels-last q/k/v, which
+the kernels read with vector loads; planar a contiguous input with the
+layer's planar projection forced, planar q/k/v read element by element, as
+head widths that are not multiples of 8 run; contiguous the layer's own
+choice for a contiguous input: channels-last q/k/v at head widths that are
+multiples of 8, the same kernel variants as channels_last) the layer
 (:class:`~sasa_mmdet.layers.LocalSelfAttention2d`, 8 heads, window 7, batch
 2, packed q/k/v as its projection writes them) runs one forward and
 backward pass on CPU tensors with every Triton launch intercepted; each
@@ -67,7 +71,7 @@ DTYPES = ('tf32', 'bfloat16', 'float16', 'float32')
 SASA_DTYPES = ('tf32', 'bfloat16', 'float16')  # the default: the fast modes
 SAN_DTYPES = ('float32', 'bfloat16', 'float16')  # SAN's kernels have no products
 SIZES = ('20x32', '20x36')
-MEMORY_FORMATS = ('contiguous', 'channels_last')
+MEMORY_FORMATS = ('channels_last', 'planar')  # the default: both kernel layouts
 BATCH = 2
 LAYERS = ('sasa', 'san')
 SAN_LAYERS = ('pairwise', 'patchwise')
@@ -208,10 +212,10 @@ def main(argv=None) -> int:
                         help='map sizes (default: 20x32 20x36, a width divisible by 16 and '
                         'one not)')
     parser.add_argument('--memory-formats', nargs='+', default=list(MEMORY_FORMATS),
-                        choices=MEMORY_FORMATS,
-                        help="the SASA layer's input: contiguous (planar q, k, v) and/or "
-                        'channels_last (channels-last q, k, v, read with vector loads); '
-                        'default: both')
+                        choices=list(model.MEMORY_FORMATS),
+                        help="the SASA layer's input: " + '; '.join(
+                            f'{name}: {what}' for name, what in model.MEMORY_FORMATS.items())
+                        + f"; default: {' '.join(MEMORY_FORMATS)}")
     parser.add_argument('--json', help='also write the table as JSON to this file')
     parser.add_argument('--source-root', help='the checkout whose sasa_mmdet is checked '
                         '(default: this one)')

@@ -2,7 +2,8 @@
 
     python tools/analysis_tools/gpu_cost_model.py [--arch 90 80] [--json FILE]
         [--png FILE] [--markdown FILE] [--dump DIR] [--legacy FILE]
-        [--shapes C,H,W ...] [--source-root CHECKOUT]
+        [--shapes C,H,W ...] [--memory-format contiguous|channels_last|planar]
+        [--source-root CHECKOUT]
     python tools/analysis_tools/gpu_cost_model.py --calibrate BENCHMARK_JSON ...
         [--model-json FILE] [--out DIR]    # tools/gpu_check.sh's measurements beside it
 
@@ -75,6 +76,7 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
+from unittest import mock
 
 TOOL_DIR = osp.dirname(osp.abspath(__file__))
 ROOT = osp.dirname(osp.dirname(TOOL_DIR))
@@ -116,6 +118,14 @@ BATCH = 8
 HEADS = 8
 WINDOW = 7
 UNROLLED_TRIPS = 16
+# The layer's input, and the q, k, v its projection writes for the kernels.
+MEMORY_FORMATS = {
+    'contiguous': 'contiguous (q, k, v channels-last where the head width is a multiple of 8, '
+                  'as the layer projects them for the Triton kernels; otherwise planar)',
+    'channels_last': 'channels-last (q, k, v channels-last at those widths)',
+    'planar': "contiguous, with the layer's planar projection forced (planar q, k, v, read "
+              'element by element: what head widths that are not multiples of 8 run)',
+}
 
 # Issue 19's targets.
 TARGET_RATIO = {8: 3.0}  # head width -> max (attention fwd+bwd) / (conv fwd+bwd)
@@ -372,7 +382,8 @@ def layer_launches(package, channels: int, height: int, width: int, heads: int =
                    batch: int = BATCH, window: int = WINDOW, dtype: str = 'bfloat16',
                    archs=(90, ), layer_options: Optional[dict] = None,
                    memory_format: str = 'contiguous'):
-    """Every Triton launch of one forward and backward pass of the layer.
+    """Every Triton launch of one forward and backward pass of the layer,
+    its input in ``memory_format`` (:data:`MEMORY_FORMATS`).
 
     The layer runs on CPU tensors: the operator's check that refuses them
     outside the interpreter is lifted for the call, and nothing executes on
@@ -396,10 +407,16 @@ def layer_launches(package, channels: int, height: int, width: int, heads: int =
                                                 window_size=window, num_heads=heads,
                                                 impl='triton', **(layer_options or {}))
     x = torch.zeros(batch, channels, height, width).contiguous(memory_format=dict(
-        contiguous=torch.contiguous_format, channels_last=torch.channels_last)[memory_format])
+        contiguous=torch.contiguous_format, planar=torch.contiguous_format,
+        channels_last=torch.channels_last)[memory_format])
     x.requires_grad_()
-    return record_launches(layer, x, backend, {ops: 'resolve_backend'}, dtype=dtype,
-                           archs=archs)
+    planar = contextlib.nullcontext()
+    if memory_format == 'planar':  # the layer's planar projection at any head width
+        planar = mock.patch.object(sys.modules[type(layer).__module__],
+                                   'channels_last_projection', return_value=False)
+    with planar:
+        return record_launches(layer, x, backend, {ops: 'resolve_backend'}, dtype=dtype,
+                               archs=archs)
 
 
 # --------------------------------------------------------------------------
@@ -868,7 +885,7 @@ def model_shape(package, name: str, channels: int, height: int, width: int, arch
                 dump: Optional[str] = None, heads: int = HEADS, batch: int = BATCH,
                 memory_format: str = 'contiguous') -> dict:
     """The cost model of one layer shape on every arch, the layer's input
-    in ``memory_format`` ('contiguous' or 'channels_last')."""
+    in ``memory_format`` (:data:`MEMORY_FORMATS`)."""
     records, eager = layer_launches(package, channels, height, width, heads=heads,
                                     batch=batch, archs=archs, memory_format=memory_format)
     pixels = batch * height * width
@@ -1310,10 +1327,9 @@ def main(argv=None) -> int:
                         help='only the given widths (by default each shape is also modelled '
                         'with W changed to the other divisibility by 16)')
     parser.add_argument('--batch', type=int, default=BATCH)
-    parser.add_argument('--memory-format', choices=['contiguous', 'channels_last'],
-                        default='contiguous',
-                        help="the layer's input: contiguous (planar q, k, v) or channels_last "
-                             '(channels-last q, k, v: the kernels\' vector loads)')
+    parser.add_argument('--memory-format', choices=list(MEMORY_FORMATS), default='contiguous',
+                        help="the layer's input: " + '; '.join(
+                            f'{name}: {what}' for name, what in MEMORY_FORMATS.items()))
     parser.add_argument('--json', help='write the rows as JSON to this file')
     parser.add_argument('--png', help='bar chart of predicted layer vs conv time (sm_90)')
     parser.add_argument('--markdown', help='write the tables and targets as Markdown here')

@@ -93,14 +93,16 @@ is modified in place).
 
 Layouts. The kernels address the ``(B, N, D, H, W)`` maps in one of two
 layouts (``CHANNELS_LAST``, chosen per call by :func:`channels_last`):
-channels-last, as the layer's projection writes q, k, v for a
-channels-last input (``(B, H, W, 3, N, D)`` in memory): each pixel's D
+channels-last, as the layer's projection writes q, k, v for these
+kernels, whatever its input's layout, at head widths that are multiples of
+``VECTOR`` (``(B, H, W, 3, N, D)`` in memory:
+``local_attention_ops.channels_last_projection``): each pixel's D
 channels are contiguous and 16-byte aligned (strides handed over in units
 of ``VECTOR`` elements, so the compiler knows it), read and written with
 128-bit vector loads and stores; the output, dq, dk and dv are written in
-the same layout. Or planar, with a unit column stride (a contiguous
-input's projection): its rows are not aligned, so every element is loaded
-on its own address. At head widths that fill their block (16, 32, 64, 128:
+the same layout. Or planar, with a unit column stride (the projection of
+a contiguous input at other head widths): its rows are not aligned, so
+every element is loaded on its own address. At head widths that fill their block (16, 32, 64, 128:
 ``EVEN``) no channel is masked or clamped.
 
 What is not fast: planar maps are not vectorised, nor are channels-last
