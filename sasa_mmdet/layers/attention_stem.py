@@ -90,8 +90,9 @@ class SpatiallyAwareAttention2d(LocalSelfAttention2d):
         heads, dim, channels = self.num_heads, self.head_channels, self.out_channels
         weight_qk, weight_v = self.qkv_weight.split(
             [2 * channels, self.num_value_mixtures * channels])
-        qk = torch.bmm(weight_qk.expand(batch, -1, -1), x.flatten(2))  # (B, 2C, H * W)
-        query, key = qk.view(batch, 2, heads, dim, height, width).unbind(1)
+        # q and k as two products (not one split in two: an ONNX Split copies)
+        query, key = (torch.bmm(w.expand(batch, -1, -1), x.flatten(2)).view(
+            batch, heads, dim, height, width) for w in weight_qk.split(channels))
 
         # v_ab = (sum_m p(a, b, m) W_V^m) x_ab: the mixture depends only on
         # the pixel's place in the period x period tile, so mix the m
@@ -102,12 +103,37 @@ class SpatiallyAwareAttention2d(LocalSelfAttention2d):
         mix = self.tile_mixture_weights()  # (m, P, P)
         weight_v = weight_v.view(self.num_value_mixtures, channels, in_channels)
         tile_weights = torch.einsum('mpq,mci->pqci', mix.to(weight_v.dtype), weight_v)
-        x = F.pad(x, (0, -width % period, 0, -height % period))
-        tiles = x.view(batch, in_channels, x.shape[2] // period, period,
-                       x.shape[3] // period, period)
-        value = torch.einsum('bihpwq,pqci->bchpwq', tiles, tile_weights.to(tiles.dtype))
-        value = value.reshape(batch, channels, x.shape[2], x.shape[3])[..., :height, :width]
+        if torch.onnx.is_in_onnx_export():
+            value = self._exported_values(x, tile_weights)
+        else:
+            x = F.pad(x, (0, -width % period, 0, -height % period))
+            tiles = x.view(batch, in_channels, x.shape[2] // period, period,
+                           x.shape[3] // period, period)
+            value = torch.einsum('bihpwq,pqci->bchpwq', tiles, tile_weights.to(tiles.dtype))
+            value = value.reshape(batch, channels, x.shape[2], x.shape[3])[..., :height, :width]
         return query, key, value.view(batch, heads, dim, height, width)
+
+    def _exported_values(self, x: Tensor, tile_weights: Tensor) -> Tensor:
+        """The mixed values as an ONNX export records them: each pixel's
+        input spread over the P*P places by the one-hots of its row's and
+        its column's place, then one MatMul with the places' matrices side
+        by side, ``(C, P*P*C_in)``. The tiles' einsum would need a 6-D
+        Transpose of the output back to image order, which onnxruntime
+        runs element by element (10x the rest of the stem at 640x640).
+
+        Returns:
+            Tensor: ``(B, C, H, W)``.
+        """
+        batch, in_channels, height, width = x.shape
+        period = self.mixture_period
+        places = torch.arange(period, device=x.device)[:, None]
+        row_places = (torch.arange(height, device=x.device) % period == places).to(x.dtype)
+        col_places = (torch.arange(width, device=x.device) % period == places).to(x.dtype)
+        # (B, P, P, C_in, H, W): x where the pixel sits at place (p, q), else 0
+        spread = x[:, None, None] * row_places[:, None, None, :, None] * col_places[:, None, None]
+        weight = tile_weights.permute(2, 0, 1, 3).reshape(self.out_channels, -1)
+        value = torch.matmul(weight.to(x.dtype), spread.reshape(batch, -1, height * width))
+        return value.view(batch, self.out_channels, height, width)
 
     def multiply_adds(self, input_shape) -> int:
         batch, _, height, width = input_shape

@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 import torch
 
@@ -41,6 +43,10 @@ def test_values_are_the_mixed_value_matrices(height, width):
     mix = layer.mixture_weights(height, width)
     expected = torch.einsum('mhw,moc,bchw->bohw', mix, w_v, x)
     torch.testing.assert_close(v.flatten(1, 2), expected)
+    # what an ONNX export records: the places' one-hots and one product
+    with mock.patch('torch.onnx.is_in_onnx_export', return_value=True):
+        _, _, v_exported = layer.project(x)
+    torch.testing.assert_close(v_exported.flatten(1, 2), expected)
 
 
 def test_gradcheck_and_reference():

@@ -98,6 +98,13 @@ def current_graph() -> str:
     return _STATE['graph']
 
 
+def exporting_static_shapes() -> bool:
+    """Whether an ONNX export with static shapes is being recorded
+    (:func:`export_graph` with ``dynamic=False``): map sizes are then
+    constants, and code may branch on them."""
+    return torch.onnx.is_in_onnx_export() and not _STATE['dynamic']
+
+
 class AxisBlocks:
     """Query blocks and key halos along one axis (rows or columns).
 
@@ -253,7 +260,7 @@ def _attend(query: Tensor, key: Optional[Tensor], value: Tensor, size,
     batch, heads = query.shape[:2]
     heads = int(heads)  # never a dynamic axis
     height, width = size
-    if torch.onnx.is_in_onnx_export() and not _STATE['dynamic']:
+    if exporting_static_shapes():
         # constants: the indices fold, the reshapes need no shape arithmetic
         batch, height, width = int(batch), int(height), int(width)
     rows = AxisBlocks(height, min(BLOCK, int(height)), window[0], dilation[0])
