@@ -14,7 +14,9 @@
 - :func:`pack_attention_inputs`: rewrites an exported graph so that each
   fused node reads its layer's q/k/v projection in place (no ``Split``);
   :func:`fuse_attention_epilogues` folds the stride's ``AveragePool``, a
-  ``BatchNormalization`` and a ``Relu`` after a fused node into it.
+  ``BatchNormalization`` and a ``Relu`` after a fused node into it;
+  :func:`deduplicate_constants` merges the exporter's equal ``Constant``
+  nodes (every export).
 - :class:`End2EndDetector`: a detector's network with box decoding and NMS
   (``NonMaxSuppression``) in the graph, outputs ``dets (B, N, 5)`` and
   ``labels (B, N)`` as mmdeploy's detectors.
@@ -25,12 +27,13 @@ Example:
     >>> options.register_custom_ops_library(onnxruntime_ops_path())
 """
 from .end2end import END2END_OUTPUTS, End2EndDetector, detections_from_outputs
-from .onnx_passes import fuse_attention_epilogues, pack_attention_inputs
+from .onnx_passes import (deduplicate_constants, fuse_attention_epilogues,
+                          pack_attention_inputs)
 from .onnx_symbolic import (CUSTOM_DOMAIN, onnxruntime_ops_available,
                             onnxruntime_ops_path, register_onnx_symbolic)
 
 __all__ = [
-    'CUSTOM_DOMAIN', 'END2END_OUTPUTS', 'End2EndDetector', 'detections_from_outputs',
-    'fuse_attention_epilogues', 'onnxruntime_ops_available', 'onnxruntime_ops_path', 'pack_attention_inputs',
-    'register_onnx_symbolic'
+    'CUSTOM_DOMAIN', 'END2END_OUTPUTS', 'End2EndDetector', 'deduplicate_constants',
+    'detections_from_outputs', 'fuse_attention_epilogues', 'onnxruntime_ops_available',
+    'onnxruntime_ops_path', 'pack_attention_inputs', 'register_onnx_symbolic'
 ]

@@ -12,6 +12,9 @@ the rewrite removes those four nodes and the copy per layer.
 into it, as onnxruntime folds them into a convolution: the layer's stride
 (an ``AveragePool``), an inference ``BatchNormalization`` and a ``Relu``
 become the node's ``pool``, ``scale``/``shift`` and ``activation``.
+
+:func:`deduplicate_constants` merges the exporter's ``Constant`` nodes of
+equal value, for every graph (standard operators too).
 """
 from typing import Dict, List, Optional
 
@@ -306,6 +309,57 @@ def fuse_attention_epilogues(model) -> int:
         del graph.initializer[:]
         graph.initializer.extend(kept_tensors)
     return folded
+
+
+def deduplicate_constants(model) -> int:
+    """Merge the graph's ``Constant`` nodes of equal value into the first
+    of them: the exporter records one per use (a reshape's target, an
+    unsqueeze's axes), thousands in a detector with dynamic axes. Subgraphs
+    that read a merged name read the kept one. Returns how many nodes it
+    removed.
+
+    Example:
+        >>> import onnx
+        >>> model = onnx.load('model.onnx')  # doctest: +SKIP
+        >>> deduplicate_constants(model)  # doctest: +SKIP
+        6211
+    """
+    from onnx import numpy_helper
+    graph = model.graph
+    outputs = {output.name for output in graph.output}
+    first: Dict[tuple, str] = {}
+    merged: Dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        value = _attribute(node, 'value') if node.op_type == 'Constant' else None
+        if value is not None and len(node.attribute) == 1 and node.output[0] not in outputs:
+            key = (value.data_type, tuple(value.dims), numpy_helper.to_array(value).tobytes())
+            if key in first:
+                merged[node.output[0]] = first[key]
+                continue
+            first[key] = node.output[0]
+        kept.append(node)
+    if merged:
+        del graph.node[:]
+        graph.node.extend(kept)
+        _rename_inputs(graph, merged)
+        infos = [info for info in graph.value_info if info.name not in merged]
+        del graph.value_info[:]
+        graph.value_info.extend(infos)
+    return len(merged)
+
+
+def _rename_inputs(graph, names: Dict[str, str]) -> None:
+    """Every node of ``graph`` and of its subgraphs reads ``names[n]`` for ``n``."""
+    from onnx import AttributeProto
+    for node in graph.node:
+        node.input[:] = [names.get(name, name) for name in node.input]
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                _rename_inputs(attr.g, names)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _rename_inputs(sub, names)
 
 
 def _read_names(graph) -> set:

@@ -6,9 +6,10 @@ import onnx
 import pytest
 import torch
 
-from sasa_mmdet.deployment import (CUSTOM_DOMAIN, fuse_attention_epilogues,
-                                   onnxruntime_ops_available, onnxruntime_ops_path,
-                                   pack_attention_inputs, register_onnx_symbolic)
+from sasa_mmdet.deployment import (CUSTOM_DOMAIN, deduplicate_constants,
+                                   fuse_attention_epilogues, onnxruntime_ops_available,
+                                   onnxruntime_ops_path, pack_attention_inputs,
+                                   register_onnx_symbolic)
 from sasa_mmdet.layers import LocalSelfAttention2d
 from sasa_mmdet.layers.backends import onnx_graph
 from sasa_mmdet.layers.backends.reference import local_attention_reference
@@ -187,6 +188,37 @@ def test_attention_layer_standard_export_matches_pytorch(encoding, logits, strid
             want = layer(x).numpy()
         np.testing.assert_allclose(session.run(None, {'x': x.numpy()})[0], want, rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_deduplicate_constants_merges_equal_values(tmp_path):
+    """The exporter's Constant nodes of equal value become one; the graph
+    computes the same."""
+    layer = LocalSelfAttention2d(8, 8, 5, num_heads=2).eval()
+    path = str(tmp_path / 'layer.onnx')
+    with torch.no_grad(), onnx_graph.export_graph('onnx', dynamic=True):
+        torch.onnx.export(layer, (torch.randn(1, 8, 9, 7), ), path, input_names=['x'],
+                          opset_version=17, dynamo=False,
+                          dynamic_axes={'x': {0: 'b', 2: 'h', 3: 'w'}})
+    model = onnx.load(path)
+
+    def constants(m):
+        return [onnx.numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node
+                if n.op_type == 'Constant']
+
+    before = len(constants(model))
+    removed = deduplicate_constants(model)
+    values = constants(model)
+    assert removed > 0 and len(values) == before - removed
+    keys = [(v.dtype, v.shape, v.tobytes()) for v in values]
+    assert len(set(keys)) == len(keys)
+    assert deduplicate_constants(model) == 0
+    onnx.checker.check_model(model)
+    x = torch.randn(2, 8, 6, 11)
+    want = ort.InferenceSession(path, providers=['CPUExecutionProvider']).run(
+        None, {'x': x.numpy()})[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider']
+                               ).run(None, {'x': x.numpy()})[0]
+    np.testing.assert_array_equal(got, want)
 
 
 needs_library = pytest.mark.skipif(

@@ -350,7 +350,8 @@ def export(network: nn.Module, inputs: torch.Tensor, out: str, opset: int = 17,
     ``'onnxruntime'`` the fused nodes then take their layer's packed q/k/v
     projection (``sasa_mmdet.deployment.pack_attention_inputs``) and fold
     in the stride pool, BatchNorm and ReLU after them
-    (``fuse_attention_epilogues``).
+    (``fuse_attention_epilogues``); the exporter's equal Constant nodes are
+    merged (``deduplicate_constants``).
 
     Args:
         network (nn.Module): A :class:`TensorModeNetwork` or an
@@ -386,15 +387,19 @@ def export(network: nn.Module, inputs: torch.Tensor, out: str, opset: int = 17,
             network, (inputs, ), out, input_names=['input'], output_names=names,
             opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
             dynamo=False)
+    import onnx
+
+    from sasa_mmdet.deployment import (deduplicate_constants, fuse_attention_epilogues,
+                                       pack_attention_inputs)
+    model = onnx.load(out)
+    rewrites = 0
     if backend == 'onnxruntime':
         # each fused node reads its layer's q/k/v projection in place and
         # applies what follows it (as onnxruntime folds a convolution's)
-        import onnx
-
-        from sasa_mmdet.deployment import fuse_attention_epilogues, pack_attention_inputs
-        model = onnx.load(out)
-        if pack_attention_inputs(model) + fuse_attention_epilogues(model):
-            onnx.save(model, out)
+        rewrites += pack_attention_inputs(model) + fuse_attention_epilogues(model)
+    # the exporter records one Constant node per use of a value
+    if rewrites + deduplicate_constants(model):
+        onnx.save(model, out)
     return names
 
 

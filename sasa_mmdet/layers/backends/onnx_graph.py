@@ -307,10 +307,12 @@ def _attend(query: Tensor, key: Optional[Tensor], value: Tensor, size,
         table = relative_terms_table(_cast(rel_row, dtype), _cast(rel_col, dtype), rows, cols)
         grid = queries.permute(1, 3, 0, 2, 4).reshape(heads, block_size, -1, table.shape[-2])
         terms = torch.matmul(grid, table)  # (N, bh * bw, B * blocks, halo_h + halo_w)
-        terms = terms.reshape(heads, rows.block, cols.block, batch, rows.blocks, cols.blocks, -1)
+        terms = terms.reshape(heads, rows.block, cols.block, -1, rows.blocks, cols.blocks,
+                              rows.halo + cols.halo)
         terms = terms + row_bias.permute(2, 3, 0, 1, 4)[:, :, None]  # (bh, 1, 1, Bh, 1, ..)
         terms = terms + col_bias.permute(2, 3, 0, 1, 4)[:, :, None]  # (1, bw, 1, 1, Bw, ..)
-        terms = terms.permute(3, 0, 4, 5, 1, 2, 6).reshape(batch, heads, blocks, block_size, -1)
+        terms = terms.permute(3, 0, 4, 5, 1, 2, 6).reshape(-1, heads, blocks, block_size,
+                                                           rows.halo + cols.halo)
     else:
         terms = (row_bias + col_bias).reshape(blocks, block_size, -1)
     # The terms reach each halo key through a one-hot of its halo row and
@@ -329,9 +331,10 @@ def _attend(query: Tensor, key: Optional[Tensor], value: Tensor, size,
 
     values = _blocks(value, key_index, halo)  # (B, N, blocks, halo, Dv)
     out = torch.matmul(attn, values)  # (B, N, blocks, bh * bw, Dv)
-    out = out.reshape(batch, heads, blocks * block_size, -1)
+    dim_v = int(value.shape[-1])  # never a dynamic axis
+    out = out.reshape(batch, heads, -1, dim_v)
     out = out.index_select(2, pixel_index)  # (B, N, H * W, Dv)
-    return out.transpose(-1, -2).reshape(batch, heads, -1, height, width)
+    return out.transpose(-1, -2).reshape(-1, heads, dim_v, height, width)
 
 
 def export_forward(query: Tensor, key: Optional[Tensor], value: Tensor,
