@@ -351,27 +351,24 @@ def deduplicate_constants(model) -> int:
 
 def _rename_inputs(graph, names: Dict[str, str]) -> None:
     """Every node of ``graph`` and of its subgraphs reads ``names[n]`` for ``n``."""
-    from onnx import AttributeProto
-    for node in graph.node:
+    for node in _nodes(graph):
         node.input[:] = [names.get(name, name) for name in node.input]
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                _rename_inputs(attr.g, names)
-            elif attr.type == AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    _rename_inputs(sub, names)
 
 
 def _read_names(graph) -> set:
     """Every tensor name that a node of ``graph`` or of its subgraphs reads."""
+    return {name for node in _nodes(graph) for name in node.input}
+
+
+def _nodes(graph):
+    """The nodes of ``graph`` and of its subgraphs (an ``If``'s branches, a
+    ``Loop``'s body), depth first."""
     from onnx import AttributeProto
-    names = set()
     for node in graph.node:
-        names.update(node.input)
+        yield node
         for attr in node.attribute:
             if attr.type == AttributeProto.GRAPH:
-                names |= _read_names(attr.g)
+                yield from _nodes(attr.g)
             elif attr.type == AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    names |= _read_names(sub)
-    return names
+                    yield from _nodes(sub)

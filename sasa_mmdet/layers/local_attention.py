@@ -394,11 +394,7 @@ class LocalSelfAttention2d(nn.Module):
         pixels = x.flatten(2).transpose(1, 2)[:, None]  # (B, 1, H * W, C_in)
         weights = self.qkv_weight.view(3, self.num_heads, self.head_channels, -1)
         query, key, value = (torch.matmul(pixels, w.transpose(-1, -2)) for w in weights)
-        rel_row = rel_col = None
-        if self.position_encoding == 'relative':
-            rel_row, rel_col = self.rel_row, self.rel_col
-            if self.logits == 'qr':
-                key = None
+        key, rel_row, rel_col = self._logit_terms(query, key)  # not 'absolute': key as is
         out = onnx_graph.attend_rows(query, key, value, (height, width), rel_row, rel_col,
                                      self.window_size, self.dilation)
         return out if out.dtype == x.dtype else out.to(x.dtype)

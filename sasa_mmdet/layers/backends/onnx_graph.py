@@ -33,11 +33,11 @@ The products over the whole halo cost (halo / window) times the window's
 arithmetic (2.6x for a 5 x 5 window, 2x for 7 x 7) but run as a few matrix
 products: in onnxruntime (2 threads) the demo detector runs 2.5x (160 x
 160) to 3.5x (640 x 640) faster than with the per-tap graph
-(``docs/deployment.md``), and a layer has a fixed number of nodes. The indices and the biases
-depend only on the map size: with a static input size the exporter folds
-them into constants; with dynamic axes they are shape arithmetic. Numbers:
-the same function as every backend (``reference.local_attention_reference``);
-the softmax runs in float32.
+(``docs/deployment.md``), and a layer has a fixed number of nodes. The
+indices and the biases depend only on the map size: with a static input
+size the exporter folds them into constants; with dynamic axes they are
+shape arithmetic. Numbers: the same function as every backend
+(``reference.local_attention_reference``); the softmax runs in float32.
 
 :func:`export_graph` chooses what an export records (:data:`GRAPHS`):
 ``'onnx'`` this graph; ``'onnxruntime'`` the registered operator, which
